@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set-up and entry points of vit_jax_ft.
+#   ./run.sh            set up, then fine-tune on the embedded offline default
+#   ./run.sh test       set up, then run the test suite
+#   ./run.sh setup      only create .venv and install requirements.txt
+#   ./run.sh models     list the official models with parameter counts
+#   ./run.sh python ... run python inside the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+
+setup() {
+  local stamp="$VENV/.requirements.sha256"
+  local want
+  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return
+  fi
+  echo "Setting up $VENV with $("$PYTHON" --version) (a few minutes the first time)..." >&2
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  echo "$want" > "$stamp"
+}
+
+cmd="${1:-default}"
+[[ $# -gt 0 ]] && shift
+setup
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Quieter TensorFlow start-up; tf.data only runs on the CPU here.
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+case "$cmd" in
+  setup) ;;
+  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  models) exec "$VENV/bin/python" -m vit_jax_ft.models "$@" ;;
+  python) exec "$VENV/bin/python" "$@" ;;
+  default) exec "$VENV/bin/python" -m vit_jax_ft.models --filter=ViT "$@" ;;
+  *) echo "Unknown command '$cmd'; see the top of run.sh for the list." >&2; exit 2 ;;
+esac
