@@ -70,8 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- Model -----------------------------------------------------------------------
   # Official model name (`python -m vit_jax_ft.models` lists them).
   config.model_name = 'ViT-B_16'
-  # Overrides of the model's options, e.g. {'dropout_rate': 0.0, 'remat': True}.
-  config.model = ml_collections.ConfigDict()
+  # Overrides of the model's options; None keeps the official value of `model_name`.
+  config.model = model_options()
   # Computation dtype: 'float32' (official numerics) or 'bfloat16' (GPU/TPU speed).
   config.dtype = 'float32'
   # Parameter subtrees to freeze, as regexes on '/'-joined names (e.g. 'Transformer/encoderblock_[0-5]/').
@@ -108,6 +108,24 @@ def get_config() -> ml_collections.ConfigDict:
   # Seed of initialisation, data order, augmentation and dropout.
   config.seed = 0
   return config
+
+
+def model_options() -> ml_collections.ConfigDict:
+  """Model options settable from the command line (`--config.model.remat=True`)."""
+  placeholder = ml_collections.config_dict.placeholder
+  return ml_collections.ConfigDict({
+      # Dropout after attention and in the MLP, and on attention weights.
+      'dropout_rate': placeholder(float),
+      'attention_dropout_rate': placeholder(float),
+      # 'dense' (official) or 'dot_product' (jax.nn.dot_product_attention, flash on GPU).
+      'attention': placeholder(str),
+      # Rematerialise each block: less memory, about a third more compute.
+      'remat': placeholder(bool),
+      # Size of the tanh pre-logits layer (None: none, as in fine-tuning).
+      'representation_size': placeholder(int),
+      # 'token' (class token) or 'gap' (global average pooling).
+      'classifier': placeholder(str),
+  })
 
 
 # The paper's transfer setup (`vit_jax/configs/common.py` and the ViT paper, appendix B.1.1).

@@ -1,0 +1,88 @@
+"""The optimisation recipe against the official formulas."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from vit_jax_ft import optim
+
+
+def official_lr(step, total, warmup, base, decay_type):
+  """`vit_jax/utils.create_learning_rate_schedule`, written out."""
+  progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
+  if decay_type == 'cosine':
+    lr = base * 0.5 * (1 + math.cos(math.pi * progress))
+  else:
+    lr = 1e-5 + (base - 1e-5) * (1 - progress)
+  return lr * min(1.0, step / warmup) if warmup else lr
+
+
+@pytest.mark.parametrize('decay_type', ['cosine', 'linear'])
+@pytest.mark.parametrize('warmup', [0, 50])
+def test_schedule_matches_official_formula(decay_type, warmup):
+  config = common.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 500, warmup, 0.03
+  config.decay_type = decay_type
+  schedule = optim.learning_rate_schedule(config)
+  for step in [0, 1, 10, 49, 50, 51, 120, 250, 499, 500, 600]:
+    assert float(schedule(step)) == pytest.approx(
+        official_lr(step, 500, warmup, 0.03, decay_type), rel=1e-5, abs=1e-9), step
+
+
+def test_bad_schedule_keys_are_errors():
+  config = common.get_config()
+  config.decay_type = 'cosin'
+  with pytest.raises(ValueError, match="decay_type='cosin'"):
+    optim.learning_rate_schedule(config)
+  config.decay_type, config.warmup_steps = 'cosine', config.total_steps
+  with pytest.raises(ValueError, match='warmup_steps'):
+    optim.learning_rate_schedule(config)
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  return {'a': {'kernel': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+          'b': {'bias': jnp.asarray(rng.normal(size=(5,)), jnp.float32)}}
+
+
+def test_first_updates_are_clipped_sgd_with_momentum():
+  config = common.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 100, 0, 0.1
+  config.optim_dtype = 'float32'
+  tx = optim.make_optimizer(config)
+  params = _params()
+  grads = jax.tree.map(lambda x: 10.0 * jnp.ones_like(x), params)  # global norm > 1
+  state = tx.init(params)
+  norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  clipped = jax.tree.map(lambda g: np.asarray(g) / norm, grads)
+  updates, state = tx.update(grads, state, params)
+  lr0 = official_lr(0, 100, 0, 0.1, 'cosine')
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(clipped)):
+    np.testing.assert_allclose(u, -lr0 * g, rtol=1e-5)
+  updates, state = tx.update(grads, state, params)
+  lr1 = official_lr(1, 100, 0, 0.1, 'cosine')
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(clipped)):
+    np.testing.assert_allclose(u, -lr1 * (0.9 * g + g), rtol=1e-5)
+
+
+def test_momentum_is_kept_in_bfloat16_by_default():
+  config = common.get_config()
+  state = optim.make_optimizer(config).init(_params())
+  dtypes = {x.dtype for x in jax.tree.leaves(state) if x.ndim}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_frozen_parameters_get_no_update():
+  config = common.get_config()
+  config.freeze = ('^a/',)
+  tx = optim.make_optimizer(config)
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+  assert not np.any(updates['a']['kernel'])
+  assert np.all(updates['b']['bias'] != 0)
