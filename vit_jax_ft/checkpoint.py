@@ -5,7 +5,9 @@
   `MlpBlock_3`), as in the released ViT and AugReg files;
 - Linen names (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`),
   as written by the official code today;
-- the BiT release names (`resnet/block1/unit01/a/group_norm/gamma`, ...).
+- the BiT release names (`resnet/block1/unit01/a/group_norm/gamma`, ...),
+  and bit_jax's Flax trees (`conv_head`, GroupNorm params of shape (1,1,1,C)).
+Files saved with their optimizer keep their parameters (`opt/target/...`).
 `save` writes the released layout (pre-Linen names, BiT release names), which
 the official code and timm's npz loader read.
 """
@@ -15,7 +17,8 @@ import re
 import tempfile
 import urllib.request
 import zipfile
-from typing import Any, Dict, Mapping, Tuple
+import zlib
+from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 import scipy.ndimage
@@ -48,41 +51,54 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be read or does not fit the model."""
 
 
-def _read_bytes(path: str) -> bytes:
-  """Reads a local file, a `gs://` object or an `http(s)://` URL."""
+def _source(path: str) -> Union[str, io.BytesIO]:
+  """What `np.load` reads: a local path itself, or the bytes of a `gs://` or URL object."""
   if path.startswith(('http://', 'https://')):
     try:
       with urllib.request.urlopen(path, timeout=30) as response:
-        return response.read()
+        return io.BytesIO(response.read())
     except OSError as e:
       raise FileNotFoundError(
-          f'Could not download {path}: {e}. Fetch it with '
-          '`python -m vit_jax_ft.hub fetch NAME` or place the file by hand.') from e
+          f'Could not download {path}: {e}. Fetch a public checkpoint with '
+          '`python -m vit_jax_ft.hub fetch NAME`, or place the file by hand.') from e
   if path.startswith('gs://'):
     from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
     if not gfile.exists(path):
       raise FileNotFoundError(f'No checkpoint at {path}.')
     with gfile.GFile(path, 'rb') as f:
-      return f.read()
+      return io.BytesIO(f.read())
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'No checkpoint at {path!r}. List public checkpoints with '
         '`python -m vit_jax_ft.hub list` and download one with '
         '`python -m vit_jax_ft.hub fetch NAME`.')
-  with open(path, 'rb') as f:
-    return f.read()
+  if os.path.isdir(path):
+    raise CheckpointError(f'{path} is a folder; give the path of an .npz checkpoint file.')
+  return path
 
 
 def read_npz(path: str) -> Dict[str, np.ndarray]:
   """The flat `{'a/b/c': array}` contents of an `.npz` file."""
-  data = _read_bytes(path)
   try:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-      return {key: npz[key] for key in npz.files}
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    npz = np.load(_source(path), allow_pickle=False)
+    if isinstance(npz, np.lib.npyio.NpzFile):
+      with npz:
+        return {key: npz[key] for key in npz.files}
+  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+    if isinstance(e, (CheckpointError, FileNotFoundError)):
+      raise
     raise CheckpointError(
         f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}); '
         'it may be truncated or not a checkpoint. Download it again.') from e
+  raise CheckpointError(f'{path} holds a single array, not an .npz of named parameters.')
+
+
+def _strip_optimizer(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Keeps the parameters of files saved with their optimizer (`opt/target/...`)."""
+  prefix = 'opt/target/'
+  if not any(key.startswith(prefix) for key in flat):
+    return flat
+  return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
 def _from_bit_release(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -158,9 +174,11 @@ def _squeeze_group_norm(flat: Dict[Tuple[str, ...], Any]) -> Dict[Tuple[str, ...
 
 def load(path: str) -> Params:
   """Reads a released or saved `.npz` (local, `gs://` or `https://`) into the model tree."""
-  flat = read_npz(path)
+  flat = _strip_optimizer(read_npz(path))
   if any(key.startswith('resnet/') for key in flat):
     flat = _from_bit_release(flat)
+  # Trees saved by big_transfer's bit_jax call the head `conv_head`.
+  flat = {re.sub(r'^conv_head/', 'head/', k): v for k, v in flat.items()}
   tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
   tree = _renumber_pre_linen(tree)
   flat_tuples = _squeeze_group_norm(traverse_util.flatten_dict(tree))
@@ -220,13 +238,23 @@ def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
   has none; position embeddings are resized to the new grid. Any other
   difference is an error naming the key and both shapes.
   """
-  restored = traverse_util.flatten_dict(load(path), sep='/')
+  restored_tree = load(path)
+  if is_bit_tree(restored_tree) != is_bit_tree(init_params):
+    kinds = {True: 'a BiT ResNet', False: 'a ViT'}
+    raise CheckpointError(
+        f'{path} holds {kinds[is_bit_tree(restored_tree)]} checkpoint but the model is '
+        f'{kinds[is_bit_tree(init_params)]}; choose the model name of the checkpoint.')
+  restored = traverse_util.flatten_dict(restored_tree, sep='/')
   expected = traverse_util.flatten_dict(dict(init_params), sep='/')
   result = {}
   for key, init_value in expected.items():
     if key.startswith('head/'):
       result[key] = init_value
       continue
+    if key not in restored and key.startswith('pre_logits/'):
+      raise CheckpointError(
+          f'{path} has no representation layer (pre_logits) but the model has one; '
+          'build the model with representation_size=None.')
     if key not in restored:
       raise CheckpointError(
           f'{path} has no {key!r} (shape {np.shape(init_value)}) that the model '
@@ -239,7 +267,7 @@ def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
       raise CheckpointError(
           f'Shape mismatch for {key!r}: checkpoint {path} has {value.shape}, the '
           f'model expects {np.shape(init_value)}. Check the model name and its options.')
-    result[key] = value.astype(np.asarray(init_value).dtype)
+    result[key] = value.astype(init_value.dtype)
   extra = [k for k in restored if k not in expected and not k.startswith(('head/', 'pre_logits/'))]
   if extra:
     raise CheckpointError(
