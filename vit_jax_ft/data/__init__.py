@@ -1,0 +1,126 @@
+"""Input pipeline: tfds datasets and image folders, the paper's preprocessing, per-host batches.
+
+  info = data.get_dataset_info(config)
+  train_iter = data.get_train_data(config, start_step=step)   # infinite, resumable
+  eval_iter = data.get_eval_data(config)                      # padded, `mask` marks real examples
+"""
+import dataclasses
+import functools
+from typing import Iterator, List, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from vit_jax_ft.data import folder, pipeline, preprocess, sampling, tfds_source
+from vit_jax_ft.data.examples import Examples
+from vit_jax_ft.data.pipeline import Batch
+
+CORRUPT_IMAGE_MODES = ('skip', 'error')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the logs need to know about the data actually used."""
+  num_classes: int
+  class_names: List[str]
+  num_train: int  # Examples per epoch after split, fraction, per-class and rebalancing.
+  num_test: int
+  train_class_counts: List[int]  # Per class, per epoch.
+
+
+@functools.lru_cache(maxsize=4)
+def _load(dataset: str, split: str, data_dir: Optional[str], manual_dir: Optional[str],
+          download: bool, test_fraction: float, split_seed: int, on_corrupt: str) -> Examples:
+  if folder.is_folder(dataset):
+    return folder.load_split(dataset, split, test_fraction, split_seed, on_corrupt)
+  builder = tfds_source.get_builder(dataset, data_dir, manual_dir, download)
+  return tfds_source.load_split(builder, split)
+
+
+def load_split(config: ml_collections.ConfigDict, split: str) -> Examples:
+  """A split of `config.dataset` in memory (encoded images or paths), cached per process."""
+  if not config.dataset:
+    raise ValueError('config.dataset is empty; set a tfds name (cifar10) or a folder '
+                     'ROOT/{train,test}/CLASS/*.jpg.')
+  if config.on_corrupt_image not in CORRUPT_IMAGE_MODES:
+    raise ValueError(f'config.on_corrupt_image={config.on_corrupt_image!r}; '
+                     f'allowed: {CORRUPT_IMAGE_MODES}.')
+  return _load(config.dataset, split, config.tfds_data_dir, config.tfds_manual_dir,
+               bool(config.tfds_download), float(config.get('folder_test_fraction', 0.2)),
+               int(config.get('folder_split_seed', 0)), config.on_corrupt_image)
+
+
+def train_order(config: ml_collections.ConfigDict, examples: Examples) -> sampling.TrainOrder:
+  """The training stream of `config`: its subset, rebalancing and per-epoch order."""
+  num_classes = len(examples.class_names)
+  kept = sampling.select(examples.labels, num_classes, config.train_fraction,
+                         config.train_per_class, config.seed)
+  return sampling.TrainOrder(kept, examples.labels, num_classes, config.seed,
+                             config.balance, config.balance_target)
+
+
+def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Classes and example counts of the training stream and the test split."""
+  train = load_split(config, config.pp.train)
+  order = train_order(config, train)
+  test = load_split(config, config.pp.test)
+  return DatasetInfo(num_classes=len(train.class_names), class_names=list(train.class_names),
+                     num_train=order.epoch_size, num_test=len(test),
+                     train_class_counts=order.class_counts.tolist())
+
+
+def _processes(process_index: Optional[int], process_count: Optional[int]):
+  process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  return process_index, process_count
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(examples: Examples, decode_spec: str, skip_corrupt: bool) -> Examples:
+  return pipeline.cached_table(examples, preprocess.build(decode_spec)[0], skip_corrupt)
+
+
+def _maybe_cached(config: ml_collections.ConfigDict, examples: Examples, ops: str) -> Examples:
+  if not config.cache:
+    return examples
+  return _cached(examples, ops.split('|')[0], config.on_corrupt_image == 'skip')
+
+
+def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
+                   process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Infinite iterator of this host's numpy batches: image, label (and weight); resumable."""
+  process_index, process_count = _processes(process_index, process_count)
+  examples = load_split(config, config.pp.train)
+  order = train_order(config, examples)
+  ops = preprocess.default_ops(config.pp, train=True)
+  return pipeline.train_batches(
+      _maybe_cached(config, examples, ops), order, ops, seed=config.seed,
+      global_batch=config.batch, start_step=start_step, process_index=process_index,
+      process_count=process_count, cached=bool(config.cache),
+      skip_corrupt=config.on_corrupt_image == 'skip', prefetch=config.prefetch)
+
+
+def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Finite iterator of this host's part of padded global eval batches (image, label, mask)."""
+  process_index, process_count = _processes(process_index, process_count)
+  examples = load_split(config, split or config.pp.test)
+  ops = preprocess.default_ops(config.pp, train=False)
+  return pipeline.eval_batches(
+      _maybe_cached(config, examples, ops), ops, global_batch=config.batch_eval,
+      process_index=process_index, process_count=process_count, cached=bool(config.cache),
+      prefetch=config.prefetch)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
+  """Examples per class."""
+  return np.bincount(labels, minlength=num_classes).tolist()
+
+
+__all__ = ['Batch', 'DatasetInfo', 'Examples', 'class_counts', 'get_dataset_info',
+           'get_eval_data', 'get_train_data', 'load_split', 'train_order']

@@ -1,0 +1,23 @@
+"""A split held in memory: one entry per example (encoded image or file path) and its label."""
+import dataclasses
+from typing import List
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+  """`data[i]` is the encoded image (`is_path=False`) or the path of the file of example `i`."""
+  data: np.ndarray  # object array of bytes or str.
+  labels: np.ndarray  # int64.
+  class_names: List[str]
+  is_path: bool = False
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def read(self, table: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes of example `index` from `table` (= `tf.constant(self.data)`)."""
+    entry = tf.gather(table, index)
+    return tf.io.read_file(entry) if self.is_path else entry
