@@ -62,7 +62,7 @@ def pre_linen_names(flat_params):
 
 
 def bit_release_names(flat_params):
-  """The test's own renaming of a BiT tree to the names of the released BiT files."""
+  """The test's own renaming of a BiT tree to the released names (those timm's resnetv2 reads)."""
   out = {}
   for key, value in flat_params.items():
     parts = key.split('/')

@@ -126,15 +126,16 @@ def hub_url(url: Optional[str] = None) -> str:
 
 def lookup(name: str) -> Checkpoint:
   """The checkpoint called `name` (`.npz` optional; AugReg also by bare filename)."""
-  name = name.removesuffix('.npz')
-  if name in INDEX:
-    return INDEX[name]
-  filename = name.removeprefix('augreg/')
+  stem = name.removesuffix('.npz')
+  if stem in INDEX:
+    return INDEX[stem]
+  filename = stem.removeprefix('augreg/')
   if filename in AUGREG_RECOMMENDED:
     return augreg_checkpoint(AUGREG_RECOMMENDED[filename][0])
-  if '-' in filename and filename.split('-')[0] in AUGREG_NAMES:
+  prefix = filename.split('-')[0]
+  if '-' in filename and (prefix in AUGREG_NAMES or prefix in AUGREG_RECOMMENDED):
     return augreg_checkpoint(filename)
-  close = difflib.get_close_matches(name, INDEX, n=5, cutoff=0.6)
+  close = difflib.get_close_matches(stem, INDEX, n=5, cutoff=0.6)
   hint = f' Did you mean: {", ".join(close)}?' if close else ''
   raise UnknownCheckpointError(
       f'{name!r} is neither a file nor a public checkpoint name.{hint} List the '
@@ -258,7 +259,8 @@ def read_augreg_index(url: Optional[str] = None,
   except OSError as e:
     logging.info('AugReg index.csv unreachable: %s', e)
     return None
-  return sorted({row['filename'] for row in csv.DictReader(io.StringIO(text))})
+  return sorted({row['filename'] for row in csv.DictReader(io.StringIO(text))
+                 if row.get('filename')})
 
 
 def list_checkpoints(url: Optional[str] = None,
