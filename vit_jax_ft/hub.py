@@ -187,7 +187,7 @@ def download(url: str, target: str, timeout: float = TIMEOUT_S) -> None:
       return download(url, target, timeout)
     raise FetchError(f'{url}: HTTP {e.code} {e.reason}. Check the name with '
                      '`python -m vit_jax_ft.hub list`.') from e
-  except (urllib.error.URLError, OSError) as e:
+  except OSError as e:  # No connection: refused, DNS failure, timeout.
     reason = getattr(e, 'reason', e)
     raise FetchError(f'Could not reach {url} ({reason}). '
                      + _place_by_hand(url, target)) from e
