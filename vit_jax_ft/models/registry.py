@@ -57,10 +57,11 @@ for _prefix in ('BiT-S', 'BiT-M'):
   for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
     MODEL_SPECS[f'{_prefix}-R{_depth}x{_width}'] = _bit(_depth, _width)
 
-# AugReg checkpoint prefixes (`B_16`, `R_Ti_16`, `R26_S_32`) -> model names.
+# AugReg checkpoint prefixes (`B_16`, `R_Ti_16`, `R26_S_32`) -> model names; the official
+# code leaves out these four, which have no AugReg checkpoints.
+_NOT_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14')
 AUGREG_NAMES = {
     name.replace('ViT-', '').replace('+', '_'): name
-    for name in MODEL_SPECS
-    if name.startswith(('ViT-', 'R+', 'R26+'))
-    and name not in ('ViT-L_32', 'ViT-H_14')
+    for name, spec in MODEL_SPECS.items()
+    if spec['kind'] == 'vit' and name not in _NOT_AUGREG
 }
