@@ -31,7 +31,7 @@ def get_builder(name: str, data_dir: Optional[str] = None, manual_dir: Optional[
   """The builder of a prepared dataset; prepares it from `manual_dir`, or downloads if allowed."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except ValueError as e:  # DatasetNotFoundError, or a name that cannot be one.
     raise ValueError(f'config.dataset={name!r} is neither a folder nor a tfds dataset name '
                      '(see https://www.tensorflow.org/datasets/catalog).') from e
   if builder.is_prepared():
