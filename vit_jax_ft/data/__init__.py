@@ -94,11 +94,10 @@ def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
                    process_count: Optional[int] = None) -> Iterator[Batch]:
   """Infinite iterator of this host's numpy batches: image, label (and weight); resumable."""
   process_index, process_count = _processes(process_index, process_count)
-  examples = load_split(config, config.pp.train)
-  order = train_order(config, examples)
   ops = preprocess.default_ops(config.pp, train=True)
+  examples = _maybe_cached(config, load_split(config, config.pp.train), ops)
   return pipeline.train_batches(
-      _maybe_cached(config, examples, ops), order, ops, seed=config.seed,
+      examples, train_order(config, examples), ops, seed=config.seed,
       global_batch=config.batch, start_step=start_step, process_index=process_index,
       process_count=process_count, cached=bool(config.cache),
       skip_corrupt=config.on_corrupt_image == 'skip', prefetch=config.prefetch)
