@@ -1,12 +1,10 @@
 """Input pipeline end to end: image folders written here, tfds mock data, real Fashion-MNIST."""
 import gzip
-import os
 import pathlib
 import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
