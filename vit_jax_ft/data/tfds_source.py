@@ -80,8 +80,9 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> Examples:
     labels.append(batch_labels)
   if not data:
     raise ValueError(f'Split {split!r} of {builder.name!r} is empty.')
+  data = np.concatenate(data).astype(object)
   class_names = list(features['label'].names)
-  logging.info('Read %s[%s]: %d examples, %d classes', builder.name, split,
-               sum(map(len, labels)), len(class_names))
-  return Examples(np.concatenate(data).astype(object), np.concatenate(labels).astype(np.int64),
-                  class_names)
+  logging.info('Read %s[%s]: %d examples, %d classes, %.0f MB of encoded images held in memory',
+               builder.name, split, len(data), len(class_names),
+               sum(map(len, data)) / 2**20)
+  return Examples(data, np.concatenate(labels).astype(np.int64), class_names)
