@@ -146,13 +146,14 @@ def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: st
   n = len(confusion)
   with np.errstate(invalid='ignore', divide='ignore'):
     rates = confusion / confusion.sum(axis=1, keepdims=True)
-  side = float(np.clip(0.45 * n, 5, 40))
+  side = float(np.clip(0.45 * n, 5, 30))
   figure = Figure(figsize=(side + 1.5, side), dpi=100)
   ax = figure.subplots()
   shown = ax.imshow(np.nan_to_num(rates), cmap='Blues', vmin=0, vmax=1,
                     interpolation='nearest')
-  font = float(np.clip(300 / max(n, 1), 3, 9))
-  ticks = np.arange(n) if n <= 200 else np.arange(0, n, 10)
+  step = 1 if n <= 200 else 10
+  ticks = np.arange(0, n, step)
+  font = float(np.clip(0.6 * step * side * 72 / n, 3, 9))  # Fits the tick spacing.
   labels = [class_names[i] for i in ticks]
   ax.set_xticks(ticks, labels, rotation=90, fontsize=font)
   ax.set_yticks(ticks, labels, fontsize=font)
