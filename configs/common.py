@@ -10,6 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the fine-tuning defaults; model and dataset keys are set by `configs/*.py`."""
   config = ml_collections.ConfigDict()
+  placeholder = ml_collections.config_dict.placeholder
 
   # ---- Pretrained start --------------------------------------------------------
   # Folder (local, gs:// or https://) holding `{model_name}.npz`; '' trains from scratch.
@@ -21,11 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
   # A tfds name (`cifar10`) or a folder `ROOT/{train,test}/CLASS/*.jpg`.
   config.dataset = ''
   # Path to manually downloaded dataset files (tfds `manual_dir`).
-  config.tfds_manual_dir = None
-  # Path to the tensorflow_datasets directory (tfds `data_dir`).
-  config.tfds_data_dir = None
+  config.tfds_manual_dir = placeholder(str)
+  # Path to the tensorflow_datasets directory (tfds `data_dir`); None: tfds' default.
+  config.tfds_data_dir = placeholder(str)
   # Whether tfds may download (False fails fast when a dataset is not prepared).
   config.tfds_download = False
+  # For a single folder ROOT/CLASS/*: share of each class held out as the test split,
+  # and the seed of that split (independent of `seed`).
+  config.folder_test_fraction = 0.2
+  config.folder_split_seed = 0
   # Number of steps; taken from the dataset preset when not given.
   config.total_steps = 10_000
 
@@ -47,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch = 512
   # Global batch size for evaluation.
   config.batch_eval = 512
-  # Shuffle buffer size.
+  # Shuffle buffer size of the official code; unused here: every epoch is a full seeded
+  # permutation, which is also what makes resumed runs see the same batches.
   config.shuffle_buffer = 50_000
   # Evaluate every so many steps (and at the end); 0 only at the end.
   config.eval_every = 100
@@ -85,10 +91,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Image size seen by the model.
   config.pp.crop = 384
   # Resize before the crop in the big_vision variant; None for the official pipeline.
-  config.pp.resize = None
-  # Op strings; None builds them from `crop`/`resize` (official: inception crop + flip).
-  config.pp.train_ops = None
-  config.pp.test_ops = None
+  config.pp.resize = placeholder(int)
+  # Op strings ('decode|resize(384)|value_range(-1,1)'); None builds them from `crop` and
+  # `resize` (official: inception crop + flip for training, resize for testing).
+  config.pp.train_ops = placeholder(str)
+  config.pp.test_ops = placeholder(str)
 
   # ---- Data studies --------------------------------------------------------------------
   # Fraction of the training split to use (1.0: all), chosen by `seed`.

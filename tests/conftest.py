@@ -19,6 +19,18 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
+@pytest.fixture(scope='session')
+def fashion_mnist_tfds_dir(tmp_path_factory) -> str:
+  """A tfds data_dir with the real Fashion-MNIST prepared by the stock builder (~20 s)."""
+  from vit_jax_ft.data import tfds_source  # pylint: disable=import-outside-toplevel
+  manual_dir = SHARED_DATA / 'fashion_mnist'
+  if not manual_dir.is_dir():
+    pytest.skip(f'{manual_dir} is absent (only developer and CI machines have it)')
+  data_dir = tmp_path_factory.mktemp('tfds')
+  tfds_source.get_builder('fashion_mnist', str(data_dir), str(manual_dir), False)
+  return str(data_dir)
+
+
 def random_params(params, seed: int = 0, scale: float = 0.2):
   """Fills every leaf with noise (norm scales around 1) so no zero-initialised layer hides."""
   rng = np.random.default_rng(seed)

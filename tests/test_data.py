@@ -262,22 +262,9 @@ def _idx_images(path: pathlib.Path) -> np.ndarray:
     return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
 
 
-@pytest.fixture(scope='module')
-def fashion_mnist_dir(tmp_path_factory):
-  """Real Fashion-MNIST prepared by the stock tfds builder from ../shared/data (~20 s)."""
-  manual_dir = SHARED_DATA / 'fashion_mnist'
-  if not manual_dir.is_dir():
-    pytest.skip(f'{manual_dir} is absent (only developer and CI machines have it)')
-  data_dir = tmp_path_factory.mktemp('tfds')
-  config = _config('fashion_mnist', tfds_data_dir=str(data_dir),
-                   tfds_manual_dir=str(manual_dir))
-  tfds_source.get_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
-  return str(data_dir)
-
-
-def test_fashion_mnist_is_grey_made_rgb_with_real_splits(fashion_mnist_dir):
+def test_fashion_mnist_is_grey_made_rgb_with_real_splits(fashion_mnist_tfds_dir):
   config = common.with_dataset(common.get_config(), 'fashion_mnist')
-  config.update(dict(tfds_data_dir=fashion_mnist_dir, batch=4, batch_eval=500, prefetch=1))
+  config.update(dict(tfds_data_dir=fashion_mnist_tfds_dir, batch=4, batch_eval=500, prefetch=1))
   config.pp.crop = 28
   info = data.get_dataset_info(config)
   assert info.class_names[:2] == ['T-shirt/top', 'Trouser'] and info.num_classes == 10

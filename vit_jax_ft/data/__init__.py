@@ -47,8 +47,8 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Examples:
     raise ValueError(f'config.on_corrupt_image={config.on_corrupt_image!r}; '
                      f'allowed: {CORRUPT_IMAGE_MODES}.')
   return _load(config.dataset, split, config.tfds_data_dir, config.tfds_manual_dir,
-               bool(config.tfds_download), float(config.get('folder_test_fraction', 0.2)),
-               int(config.get('folder_split_seed', 0)), config.on_corrupt_image)
+               bool(config.tfds_download), float(config.folder_test_fraction),
+               int(config.folder_split_seed), config.on_corrupt_image)
 
 
 def train_order(config: ml_collections.ConfigDict, examples: Examples) -> sampling.TrainOrder:

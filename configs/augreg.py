@@ -1,0 +1,35 @@
+r"""Fine-tunes an AugReg checkpoint ("How to train your ViT?") picked by its published name.
+
+  python -m vit_jax_ft.main --workdir=/tmp/augreg --config=configs/augreg.py:R_Ti_16 \
+      --config.dataset=oxford_iiit_pet --config.pp.train='train[:90%]' --config.base_lr=0.01
+
+The argument is a model prefix (`B_16`, `R_Ti_16`, `R26_S_32`, ...: the README's recommended
+ImageNet-21k checkpoint of that model) or a full filename without `.npz`
+(`B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0`). The file is fetched into
+checkpoints/augreg/ when absent (`python -m vit_jax_ft.hub list --filter=augreg`).
+"""
+import ml_collections
+
+from configs import common
+from vit_jax_ft import hub
+
+
+def get_config(model_or_filename: str = 'B_16') -> ml_collections.ConfigDict:
+  """Returns the AugReg fine-tuning config; `config.dataset` must be set on the command line."""
+  checkpoint = hub.lookup(f'augreg/{model_or_filename}')
+  if checkpoint.model_name is None:
+    raise ValueError(f'No model is registered for the AugReg file {checkpoint.name!r}.')
+  config = common.get_config()
+  config.pretrained_dir = ''
+  config.pretrained_path = checkpoint.name
+  config.model_name = checkpoint.model_name
+  config.model.dropout_rate = 0.0  # No AugReg regularisation during fine-tuning.
+  # Values of the official augreg config; often overridden on the command line.
+  config.base_lr = 0.03
+  config.total_steps = 500
+  config.warmup_steps = 100
+  config.pp.train = 'train'
+  config.pp.test = 'test'
+  config.pp.crop = 384
+  config.dataset = ''  # Must be set: --config.dataset=...
+  return config

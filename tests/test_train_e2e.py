@@ -1,0 +1,156 @@
+"""End to end: the CLI fine-tunes, evaluates every test image once, and resumes exactly."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from tiny_config import get_config
+from vit_jax_ft import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def digits_folder(tmp_path_factory) -> pathlib.Path:
+  """scikit-learn's real 8x8 digits as an image folder ROOT/{train,test}/CLASS/*.png."""
+  root = tmp_path_factory.mktemp('digits')
+  digits = load_digits()
+  for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+    split = 'test' if i % 4 == 0 else 'train'
+    folder = root / split / str(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f'{i}.png')
+  return root
+
+
+def run_cli(workdir, dataset, *flags, check=True, env=None, **popen):
+  env = dict(env or os.environ,
+             PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests')]),
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  cmd = [sys.executable, '-m', 'vit_jax_ft.main', f'--config=tests/tiny_config.py:{dataset}',
+         f'--workdir={workdir}', *flags]
+  if popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  if check:
+    assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+def final_params(workdir):
+  _, _, params, _ = train.load_for_inference(str(workdir))
+  return params
+
+
+def read_log(workdir, process=0) -> str:
+  """The log files of a process in the workdir, oldest run first."""
+  files = sorted(pathlib.Path(workdir).glob(f'train.process{process}.*.log.*'),
+                 key=lambda p: p.stat().st_mtime)
+  return ''.join(p.read_text() for p in files)
+
+
+def final_test_accuracy(workdir) -> float:
+  return float(read_log(workdir).rsplit('test top-1 ', 1)[1].split(',')[0])
+
+
+def evaluated_examples(workdir, process=0) -> int:
+  log = read_log(workdir, process)
+  return int(float(log.rsplit(' examples', 1)[0].rsplit(' on ', 1)[1]))
+
+
+@pytest.fixture(scope='module')
+def reference_run(digits_folder, tmp_path_factory) -> pathlib.Path:
+  """One uninterrupted CLI run on the digits folder."""
+  workdir = tmp_path_factory.mktemp('reference')
+  run_cli(workdir, digits_folder)
+  return workdir
+
+
+def test_cli_learns_digits_and_counts_every_test_image(digits_folder, reference_run):
+  config = json.loads((reference_run / 'config.json').read_text())
+  assert config['model_name'] == 'testing' and config['total_steps'] == 60
+  assert evaluated_examples(reference_run) == len(list((digits_folder / 'test').glob('*/*.png')))
+  assert final_test_accuracy(reference_run) > 0.5  # Chance is 0.1.
+  assert sorted(p.name for p in (reference_run / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['20', '40', '60']
+  assert list(reference_run.glob('events.out.tfevents.*'))
+
+
+def test_cli_learns_real_fashion_mnist_from_tfds(fashion_mnist_tfds_dir, tmp_path):
+  workdir = tmp_path / 'fmnist'
+  run_cli(workdir, 'fashion_mnist', f'--config.tfds_data_dir={fashion_mnist_tfds_dir}',
+          "--config.pp.train=train[:20%]", "--config.pp.test=test[:2000]")
+  assert evaluated_examples(workdir) == 2000
+  assert final_test_accuracy(workdir) > 0.4  # Chance is 0.1.
+
+
+def test_config_typo_is_an_error(digits_folder, tmp_path):
+  out = run_cli(tmp_path / 'run', digits_folder, '--config.base_lrr=0.1', check=False)
+  assert out.returncode != 0 and 'base_lr' in out.stderr
+
+
+def _wait_for_checkpoint(workdir, step, process, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / 'checkpoints' / str(step)).is_dir():
+      return
+    assert process.poll() is None, 'training ended before the checkpoint appeared'
+    time.sleep(0.05)
+  raise TimeoutError(f'no checkpoint {step} in {workdir}')
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_result(digits_folder, reference_run, tmp_path, sig):
+  interrupted = tmp_path / 'interrupted'
+  process = run_cli(interrupted, digits_folder, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+  _wait_for_checkpoint(interrupted, 20, process)
+  process.send_signal(sig)
+  process.wait(timeout=120)
+  steps = sorted(int(p.name) for p in (interrupted / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 60, steps
+  run_cli(interrupted, digits_folder)
+  for a, b in zip(jax.tree.leaves(final_params(reference_run)),
+                  jax.tree.leaves(final_params(interrupted))):
+    np.testing.assert_array_equal(a, b)
+  assert final_test_accuracy(interrupted) == final_test_accuracy(reference_run)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(digits_folder, tmp_path):
+  out = run_cli(tmp_path / 'run', digits_folder, '--config.base_lr=1e30',
+                '--config.grad_norm_clip=0', '--config.warmup_steps=0', check=False)
+  assert out.returncode != 0
+  assert 'training loss became' in out.stderr and 'checkpoint' in out.stderr
+
+
+def test_two_processes_train_together(digits_folder, tmp_path):
+  """`jax.distributed` over two local processes, each feeding its own two CPU devices."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'multi'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  processes = [
+      run_cli(workdir, digits_folder, f'--coordinator_address=127.0.0.1:{port}',
+              '--num_processes=2', f'--process_id={i}', '--config.total_steps=20',
+              '--config.eval_every=0', '--config.checkpoint_every=10',
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-4000:]
+  num_test = len(list((digits_folder / 'test').glob('*/*.png')))
+  for i in range(2):
+    assert f'Process {i} of 2' in read_log(workdir, i)
+    assert evaluated_examples(workdir, i) == num_test
+  assert (workdir / 'checkpoints' / '20').is_dir()

@@ -1,0 +1,121 @@
+"""train_step: gradient accumulation and data parallelism give the plain large-batch update."""
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common
+from vit_jax_ft import models, optim, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_setup(batch=16, num_classes=5, seed=0):
+  model = models.get_model('testing', num_classes, hidden_size=16, mlp_dim=32, num_heads=2,
+                           num_layers=2, patch_size=(8, 8), dropout_rate=0.0)
+  config = common.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 10, 2, 0.1
+  tx = optim.make_optimizer(config)
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(-1, 1, (batch, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, num_classes, batch).astype(np.int32)
+  params = model.init(jax.random.PRNGKey(seed), images[:1], train=False)['params']
+  # A non-zero head so that all parameters get gradients.
+  params['head']['kernel'] = jnp.asarray(rng.normal(0, 0.1, params['head']['kernel'].shape),
+                                         jnp.float32)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params))
+  return model, tx, state, {'image': images, 'label': labels}
+
+
+def run_steps(model, tx, state, batch, accum_steps, steps=2):
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                      accum_steps=accum_steps,
+                                      dropout_rng=jax.random.PRNGKey(1)))
+  for _ in range(steps):
+    state, metrics = step_fn(state, batch)
+  return state, metrics
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+  model, tx, state, batch = tiny_setup()
+  want, want_metrics = run_steps(model, tx, state, batch, accum_steps=1)
+  got, got_metrics = run_steps(model, tx, state, batch, accum_steps=4)
+  assert int(got.step) == 2
+  np.testing.assert_allclose(got_metrics['loss'], want_metrics['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(want.params),
+                                                jax.tree.leaves(state.params))]
+  assert min(moved) > 0  # Every parameter was updated.
+
+
+def test_loss_is_the_batch_mean_cross_entropy():
+  model, tx, state, batch = tiny_setup()
+  _, metrics = run_steps(model, tx, state, batch, accum_steps=2, steps=1)
+  logits = np.asarray(model.apply({'params': state.params}, batch['image']), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -logp[np.arange(len(batch['label'])), batch['label']].mean()
+  np.testing.assert_allclose(metrics['loss'], want, rtol=1e-5)
+
+
+def test_loss_weights_weight_each_example():
+  model, tx, state, batch = tiny_setup()
+  weights = np.zeros(len(batch['label']), np.float32)
+  weights[:4] = 1.0  # Only the first four examples count.
+  _, weighted = run_steps(model, tx, state, dict(batch, weight=weights), accum_steps=4,
+                          steps=1)
+  _, first4 = run_steps(model, tx, state, {k: v[:4] for k, v in batch.items()},
+                        accum_steps=1, steps=1)
+  np.testing.assert_allclose(weighted['loss'], first4['loss'], rtol=1e-5)
+  np.testing.assert_allclose(weighted['grad_norm'], first4['grad_norm'], rtol=1e-4)
+
+
+def test_eval_step_counts_only_real_examples():
+  model, _, state, batch = tiny_setup(num_classes=7)
+  mask = np.array([1] * 10 + [0] * 6, np.float32)
+  sums = jax.jit(functools.partial(train.eval_step, model=model))(
+      state.params, dict(batch, mask=mask))
+  logits = np.asarray(model.apply({'params': state.params}, batch['image']))
+  order = np.argsort(-logits, axis=1)
+  real = mask > 0
+  assert float(sums['count']) == 10
+  assert float(sums['correct_top1']) == np.sum((order[:, 0] == batch['label'])[real])
+  top5 = np.any(order[:, :5] == batch['label'][:, None], axis=1)
+  assert float(sums['correct_top5']) == np.sum(top5[real])
+
+
+EIGHT_DEVICE_SCRIPT = '''
+import functools, jax, numpy as np
+from jax.sharding import Mesh
+import test_train_step as t
+from vit_jax_ft import parallel, train
+assert jax.device_count() == 8, jax.devices()
+model, tx, state, batch = t.tiny_setup()
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+  mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+  s = parallel.replicate(mesh, state)
+  b = parallel.to_global(mesh, batch)
+  assert len(b['image'].sharding.device_set) == len(devices)
+  s, _ = t.run_steps(model, tx, s, b, accum_steps=2)
+  results.append(jax.device_get(s.params))
+for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+  np.testing.assert_allclose(a, b, atol=2e-6)
+print('SAME')
+'''
+
+
+def test_one_step_on_eight_devices_equals_one_device():
+  path = os.pathsep.join([str(ROOT), str(ROOT / 'tests'), os.environ.get('PYTHONPATH', '')])
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=path, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', EIGHT_DEVICE_SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'SAME' in out.stdout
