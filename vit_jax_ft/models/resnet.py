@@ -7,7 +7,7 @@ The two networks differ on purpose (each follows its own official code):
   padding (also before the root max-pool), w / sqrt(var + 1e-10), GroupNorm
   eps 1e-5.
 """
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple, Type
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -74,8 +74,10 @@ class ResidualUnit(nn.Module):
 
 
 class ResNetStage(nn.Module):
-  """A stage of hybrid units (`unit1`, `unit2`, ...)."""
+  """A stage of `block_size` units; only the first one strides."""
 
+  unit: Type[nn.Module]  # ResidualUnit (hybrid) or BitUnit.
+  unit_name: str  # Format of the unit names: 'unit{}' (hybrid: unit1) or 'unit{:02d}' (BiT).
   block_size: int
   features: int
   first_stride: Tuple[int, int]
@@ -85,7 +87,7 @@ class ResNetStage(nn.Module):
   def __call__(self, x):
     for i in range(self.block_size):
       strides = self.first_stride if i == 0 else (1, 1)
-      x = ResidualUnit(self.features, strides, self.dtype, name=f'unit{i + 1}')(x)
+      x = self.unit(self.features, strides, self.dtype, name=self.unit_name.format(i + 1))(x)
     return x
 
 
@@ -101,8 +103,8 @@ def hybrid_stem(x, num_layers: Sequence[int], width_factor: float, dtype: Dtype)
   x = nn.relu(nn.GroupNorm(dtype=dtype, name='gn_root')(x))
   x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
   for i, block_size in enumerate(num_layers):
-    x = ResNetStage(block_size, width * 2**i, (2, 2) if i else (1, 1), dtype,
-                    name=f'block{i + 1}')(x)
+    x = ResNetStage(ResidualUnit, 'unit{}', block_size, width * 2**i,
+                    (2, 2) if i else (1, 1), dtype, name=f'block{i + 1}')(x)
   return x
 
 
@@ -155,22 +157,6 @@ class BitUnit(nn.Module):
     return x + shortcut
 
 
-class BitStage(nn.Module):
-  """A stage of BiT units (`unit01`, `unit02`, ...)."""
-
-  block_size: int
-  features: int
-  first_stride: Tuple[int, int]
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.block_size):
-      strides = self.first_stride if i == 0 else (1, 1)
-      x = BitUnit(self.features, strides, self.dtype, name=f'unit{i + 1:02d}')(x)
-    return x
-
-
 class BitRoot(nn.Module):
   """Root of BiT: padded 7x7/2 convolution, then a zero-padded 3x3/2 max-pool."""
 
@@ -200,10 +186,10 @@ class BitResNet(nn.Module):
     del train  # BiT has no dropout; the argument keeps one model signature.
     width = 64 * self.width_factor
     x = BitRoot(width, self.dtype, name='root_block')(x.astype(self.dtype))
-    stage = nn.remat(BitStage) if self.remat else BitStage
+    stage = nn.remat(ResNetStage) if self.remat else ResNetStage
     for i, block_size in enumerate(self.block_sizes or BIT_BLOCK_SIZES[self.depth]):
-      x = stage(block_size, width * 2**i, (2, 2) if i else (1, 1), self.dtype,
-                name=f'block{i + 1}')(x)
+      x = stage(BitUnit, 'unit{:02d}', block_size, width * 2**i, (2, 2) if i else (1, 1),
+                self.dtype, name=f'block{i + 1}')(x)
     x = nn.relu(BitGroupNorm(dtype=self.dtype, name='norm-pre-head')(x))
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes:
