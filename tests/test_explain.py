@@ -1,6 +1,9 @@
 """Explain: attention, rollout, distances, embeddings, Grad-CAM and curves against
 independent numpy computations; every figure written as a real PNG."""
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
 from vit_jax_ft.models import get_model
 from vit_jax_ft.models.resnet import BitGroupNorm
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = dict(hidden_size=16, mlp_dim=16, num_heads=2, patch_size=(8, 8))
 TINY_HYBRID = dict(TINY_VIT, resnet_layers=(1,), resnet_width=0.5, patch_size=(2, 2))
 
@@ -52,6 +56,8 @@ def test_first_layer_attention_matches_numpy():
   expected = np.exp(logits - logits.max(-1, keepdims=True))
   expected /= expected.sum(-1, keepdims=True)
   np.testing.assert_allclose(weights[0], expected, atol=1e-5)
+  fused = get_model('testing', 3, **TINY_VIT, num_layers=1, attention='dot_product')
+  np.testing.assert_allclose(attention.attention_weights(fused, params, x), weights, atol=1e-6)
 
 
 @pytest.mark.parametrize('overrides', [TINY_VIT, TINY_HYBRID], ids=['vit', 'hybrid'])
@@ -180,14 +186,14 @@ def test_hybrid_gradcam_is_on_the_token_grid():
 
 
 def test_bit_gradcam_activation_and_gradient_are_the_last_stage_and_its_head():
-  model = get_model('BiT-S-R50x1', 3, block_sizes=(1, 1))
+  model = get_model('BiT-S-R50x1', 3, block_sizes=(1,))
   params, x = init(model), images()
   activation, gradient, logits = gradcam.activation_and_gradient(
       model, params, x, class_index=np.array([1, 2]))
-  assert activation.shape == (2, 4, 4, 512)  # 32 px / 8; 4 x 128 channels.
+  assert activation.shape == (2, 8, 8, 256)  # 32 px / 4; 4 x 64 channels.
   _, state = jax.jit(lambda p, x: model.apply(
       {'params': p}, x, capture_intermediates=True, mutable=['intermediates']))(params, x)
-  np.testing.assert_allclose(activation, state['intermediates']['block2']['__call__'][0],
+  np.testing.assert_allclose(activation, state['intermediates']['block1']['__call__'][0],
                              rtol=1e-4, atol=1e-4)
 
   def head(features):  # Independent: norm-pre-head, ReLU, global mean, Dense.
@@ -236,3 +242,47 @@ def test_confusion_matrix_figures_for_10_and_300_classes(tmp_path):
     confusion = rng.integers(0, 5, (n, n)) + np.diag(np.full(n, 20))
     names = [f'class_{i}' for i in range(n)]
     assert_png(figures.confusion_matrix(confusion, names, str(tmp_path / f'cm{n}.png')))
+
+
+def test_figure_requirements():
+  from vit_jax_ft.explain.__main__ import FIGURES, missing  # pylint: disable=import-outside-toplevel
+  vit = get_model('testing', 3)
+  hybrid = get_model('testing', 3, **TINY_HYBRID)
+  bit = get_model('BiT-S-R50x1', 3)
+  assert missing(FIGURES['rollout'], True, vit, None) is None
+  assert 'image files' in missing(FIGURES['rollout'], False, vit, None)
+  assert 'ViT' in missing(FIGURES['attention'], True, bit, None)
+  assert missing(FIGURES['gradcam'], True, bit, None) is None
+  assert 'plain ViT' in missing(FIGURES['filters'], False, hybrid, None)
+  assert missing(FIGURES['posembed'], False, hybrid, None) is None
+  assert '--workdir' in missing(FIGURES['curves'], False, None, None)
+
+
+def test_cli_draws_every_figure_of_a_released_checkpoint(tmp_path):
+  model = get_model('testing', 3, **TINY_VIT, num_layers=2)
+  params = jax.tree.map(np.asarray, init(model))
+  checkpoint.save(params, str(tmp_path / 'vit.npz'))
+  pixels = (np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))).astype(np.uint8)
+  paths = []
+  for i, image in enumerate(pixels):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image).save(paths[-1])
+  # A released file carries no model options: the CLI's process registers a tiny name.
+  result = subprocess.run(
+      [sys.executable, '-c',
+       'import sys; from absl import app; from vit_jax_ft.explain import __main__ as m; '
+       'from vit_jax_ft import models; '
+       'models.MODEL_SPECS["tiny-test"] = dict(models.MODEL_SPECS["testing"], '
+       'hidden_size=16, mlp_dim=16, num_heads=2, num_layers=2, patch_size=(8, 8)); '
+       'm.define_flags(); app.run(m.main)',
+       f'--checkpoint={tmp_path / "vit.npz"}', '--model_name=tiny-test', '--image_size=32',
+       f'--output_dir={tmp_path / "out"}', *paths],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = sorted(os.path.basename(p) for p in result.stdout.split())
+  assert written == sorted(['attention_0.png', 'attention_1.png', 'rollout.png',
+                            'gradcam.png', 'position_embeddings.png',
+                            'embedding_filters.png', 'attention_distance.png'])
+  for name in written:
+    assert_png(tmp_path / 'out' / name)

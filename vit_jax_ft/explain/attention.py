@@ -25,13 +25,14 @@ def attention_weights(model: nn.Module, params: Mapping[str, Any],
   if not isinstance(model, VisionTransformer):
     raise ValueError(f'Attention maps need a ViT or hybrid ViT; {model.model_name!r} is '
                      f'a {type(model).__name__}. Use Grad-CAM for ResNets.')
-  apply = jax.jit(functools.partial(model.clone(sow_attention=True).apply,
-                                    train=False, mutable=['intermediates']))
+  # Dense attention computes the same numbers as the fused kernel and can store them.
+  sowing = model.clone(sow_attention=True, attention='dense')
+  apply = jax.jit(functools.partial(sowing.apply, train=False, mutable=['intermediates']))
   _, state = apply({'params': params}, images)
   blocks = state['intermediates']['Transformer']
   layers = sorted(blocks, key=lambda name: int(name.rsplit('_', 1)[1]))
   return np.stack([np.asarray(
-      blocks[name]['MultiHeadDotProductAttention_0']['attention_weights'][0])
+      blocks[name]['MultiHeadDotProductAttention_0']['attention_weights'][0], np.float32)
                    for name in layers])
 
 
