@@ -220,6 +220,38 @@ def test_corrupt_files_are_skipped_or_named(tmp_path):
     data.get_dataset_info(_config(tmp_path, on_corrupt_image='error'))
 
 
+def test_an_undecodable_file_keeps_every_position(tmp_path):
+  """A file whose header passes but whose data does not decode: weight or mask 0 in its slot."""
+  for name in ('clean', 'broken'):
+    _write_folder(tmp_path / name, {'train': TRAIN_SIZES, 'test': TEST_SIZES})
+  broken = {}
+  for split in ('train', 'test'):
+    clean_file = sorted((tmp_path / 'clean' / split / 'cat').glob('*.png'))[0]
+    broken[split] = np.asarray(Image.open(clean_file).convert('RGB'))
+    bad_file = tmp_path / 'broken' / split / 'cat' / clean_file.name
+    bad_file.write_bytes(clean_file.read_bytes()[:8] + b'no image data follows' * 4)
+  runs = {}
+  for name in ('clean', 'broken'):
+    config = _config(tmp_path / name)
+    config.pp.train_ops = config.pp.test_ops = 'decode|value_range(-1,1)'
+    runs[name] = (_take(data.get_train_data(config, process_count=1, process_index=0), 4),
+                  list(data.get_eval_data(config, process_count=1, process_index=0)))
+  for (clean, weight), (broken_run, broken_weight), split in (
+      ((runs['clean'][0], 'weight'), (runs['broken'][0], 'weight'), 'train'),
+      ((runs['clean'][1], 'mask'), (runs['broken'][1], 'mask'), 'test')):
+    failures = 0
+    for a, b in zip(clean, broken_run):
+      pixels = np.round(a['image'] * 127.5 + 127.5)
+      bad = (pixels == broken[split]).all(axis=(1, 2, 3))
+      np.testing.assert_array_equal(b[weight], np.where(bad, 0, a[weight]))
+      np.testing.assert_array_equal(b['image'][~bad], a['image'][~bad])
+      failures += bad.sum()
+    assert failures == (2 if split == 'train' else 1)  # Train: 4 steps of 8 = 2 epochs.
+  config = _config(tmp_path / 'broken', on_corrupt_image='error')
+  with pytest.raises(ValueError, match='Cannot decode the image of .*broken/train/cat/'):
+    _take(data.get_train_data(config, process_count=1, process_index=0), 4)
+
+
 def test_folder_errors(tmp_path):
   _write_folder(tmp_path, {'train': (1, 1, 1), 'test': (1, 1, 1)})
   with pytest.raises(ValueError, match="Split 'valid' not found"):

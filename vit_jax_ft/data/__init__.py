@@ -3,6 +3,10 @@
   info = data.get_dataset_info(config)
   train_iter = data.get_train_data(config, start_step=step)   # infinite, resumable
   eval_iter = data.get_eval_data(config)                      # padded, `mask` marks real examples
+
+Folders and tfds splits below `config.stream_threshold_gb` are held in memory (encoded
+images or paths; `pipeline.py`); larger tfds splits are streamed from their files
+(`stream.py`). The threshold decides per split.
 """
 import dataclasses
 import functools
@@ -11,12 +15,16 @@ from typing import Iterator, List, Optional
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
-from vit_jax_ft.data import folder, pipeline, preprocess, sampling, tfds_source
+from vit_jax_ft.data import folder, pipeline, preprocess, sampling, stream, tfds_source
+from vit_jax_ft.data.batching import Batch
 from vit_jax_ft.data.examples import Examples
-from vit_jax_ft.data.pipeline import Batch
 
 CORRUPT_IMAGE_MODES = ('skip', 'error')
+# Default of config.stream_threshold_gb: ImageNet's validation split (6.3 GB) stays in
+# memory, its training split (140 GB) streams.
+STREAM_THRESHOLD_GB = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +34,27 @@ class DatasetInfo:
   class_names: List[str]
   num_train: int  # Examples per epoch after split, fraction, per-class and rebalancing.
   num_test: int
-  train_class_counts: List[int]  # Per class, per epoch.
+  train_class_counts: Optional[List[int]]  # Per class, per epoch; None when streamed.
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  if not config.dataset:
+    raise ValueError('config.dataset is empty; set a tfds name (cifar10) or a folder '
+                     'ROOT/{train,test}/CLASS/*.jpg.')
+  if config.on_corrupt_image not in CORRUPT_IMAGE_MODES:
+    raise ValueError(f'config.on_corrupt_image={config.on_corrupt_image!r}; '
+                     f'allowed: {CORRUPT_IMAGE_MODES}.')
+
+
+@functools.lru_cache(maxsize=4)
+def _builder(dataset: str, data_dir: Optional[str], manual_dir: Optional[str],
+             download: bool) -> tfds.core.DatasetBuilder:
+  return tfds_source.get_builder(dataset, data_dir, manual_dir, download)
+
+
+def _tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  return _builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir,
+                  bool(config.tfds_download))
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,21 +62,42 @@ def _load(dataset: str, split: str, data_dir: Optional[str], manual_dir: Optiona
           download: bool, test_fraction: float, split_seed: int, on_corrupt: str) -> Examples:
   if folder.is_folder(dataset):
     return folder.load_split(dataset, split, test_fraction, split_seed, on_corrupt)
-  builder = tfds_source.get_builder(dataset, data_dir, manual_dir, download)
-  return tfds_source.load_split(builder, split)
+  return tfds_source.load_split(_builder(dataset, data_dir, manual_dir, download), split)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> Examples:
   """A split of `config.dataset` in memory (encoded images or paths), cached per process."""
-  if not config.dataset:
-    raise ValueError('config.dataset is empty; set a tfds name (cifar10) or a folder '
-                     'ROOT/{train,test}/CLASS/*.jpg.')
-  if config.on_corrupt_image not in CORRUPT_IMAGE_MODES:
-    raise ValueError(f'config.on_corrupt_image={config.on_corrupt_image!r}; '
-                     f'allowed: {CORRUPT_IMAGE_MODES}.')
+  _check(config)
   return _load(config.dataset, split, config.tfds_data_dir, config.tfds_manual_dir,
                bool(config.tfds_download), float(config.folder_test_fraction),
                int(config.folder_split_seed), config.on_corrupt_image)
+
+
+def streams(config: ml_collections.ConfigDict, split: str) -> bool:
+  """Whether `split` is streamed from its files: a tfds split of at least the threshold.
+
+  `config.stream_threshold_gb` (encoded size from the tfds metadata): 0 streams
+  every tfds split; folders, and splits of unknown size below it, stay in memory.
+  """
+  _check(config)
+  if folder.is_folder(config.dataset):
+    return False
+  threshold = float(config.get('stream_threshold_gb', STREAM_THRESHOLD_GB))
+  size = tfds_source.split_num_bytes(_tfds_builder(config), split) or 0
+  return size >= threshold * 2**30
+
+
+def _check_streamable(config: ml_collections.ConfigDict, split: str, train: bool) -> None:
+  """Options that need every label, or the split in memory, cannot apply to a streamed one."""
+  needs_memory = {'cache': config.cache}
+  if train:
+    needs_memory.update(train_fraction=config.train_fraction != 1,
+                        train_per_class=config.train_per_class, balance=config.balance)
+  used = [f'config.{k}' for k, v in needs_memory.items() if v]
+  if used:
+    raise ValueError(f'{", ".join(used)} need(s) split {split!r} in memory, but it is '
+                     'streamed (larger than config.stream_threshold_gb). Raise the threshold, '
+                     'or use split slicing (`train[:10%]`) instead of a fraction.')
 
 
 def train_order(config: ml_collections.ConfigDict, examples: Examples) -> sampling.TrainOrder:
@@ -62,12 +111,23 @@ def train_order(config: ml_collections.ConfigDict, examples: Examples) -> sampli
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Classes and example counts of the training stream and the test split."""
-  train = load_split(config, config.pp.train)
-  order = train_order(config, train)
-  test = load_split(config, config.pp.test)
-  return DatasetInfo(num_classes=len(train.class_names), class_names=list(train.class_names),
-                     num_train=order.epoch_size, num_test=len(test),
-                     train_class_counts=order.class_counts.tolist())
+  if streams(config, config.pp.train):
+    _check_streamable(config, config.pp.train, train=True)
+    builder = _tfds_builder(config)
+    names = tfds_source.class_names(builder)
+    num_train = stream.epoch_size(builder, config.pp.train, jax.process_count())
+    counts = None
+  else:
+    train = load_split(config, config.pp.train)
+    order = train_order(config, train)
+    names, num_train = list(train.class_names), order.epoch_size
+    counts = order.class_counts.tolist()
+  if streams(config, config.pp.test):
+    num_test = tfds_source.split_info(_tfds_builder(config), config.pp.test).num_examples
+  else:
+    num_test = len(load_split(config, config.pp.test))
+  return DatasetInfo(num_classes=len(names), class_names=names, num_train=num_train,
+                     num_test=num_test, train_class_counts=counts)
 
 
 def _processes(process_index: Optional[int], process_count: Optional[int]):
@@ -95,12 +155,19 @@ def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
   """Infinite iterator of this host's numpy batches: image, label (and weight); resumable."""
   process_index, process_count = _processes(process_index, process_count)
   ops = preprocess.default_ops(config.pp, train=True)
+  if streams(config, config.pp.train):
+    _check_streamable(config, config.pp.train, train=True)
+    return stream.train_batches(
+        _tfds_builder(config), config.pp.train, ops, seed=config.seed,
+        global_batch=config.batch, start_step=start_step, process_index=process_index,
+        process_count=process_count, shuffle_buffer=config.shuffle_buffer,
+        on_corrupt=config.on_corrupt_image, prefetch=config.prefetch)
   examples = _maybe_cached(config, load_split(config, config.pp.train), ops)
   return pipeline.train_batches(
       examples, train_order(config, examples), ops, seed=config.seed,
       global_batch=config.batch, start_step=start_step, process_index=process_index,
       process_count=process_count, cached=bool(config.cache),
-      skip_corrupt=config.on_corrupt_image == 'skip', prefetch=config.prefetch)
+      on_corrupt=config.on_corrupt_image, prefetch=config.prefetch)
 
 
 def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None,
@@ -108,12 +175,19 @@ def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None
                   process_count: Optional[int] = None) -> Iterator[Batch]:
   """Finite iterator of this host's part of padded global eval batches (image, label, mask)."""
   process_index, process_count = _processes(process_index, process_count)
-  examples = load_split(config, split or config.pp.test)
+  split = split or config.pp.test
   ops = preprocess.default_ops(config.pp, train=False)
+  if streams(config, split):
+    _check_streamable(config, split, train=False)
+    return stream.eval_batches(
+        _tfds_builder(config), split, ops, global_batch=config.batch_eval,
+        process_index=process_index, process_count=process_count,
+        on_corrupt=config.on_corrupt_image, prefetch=config.prefetch)
+  examples = load_split(config, split)
   return pipeline.eval_batches(
       _maybe_cached(config, examples, ops), ops, global_batch=config.batch_eval,
       process_index=process_index, process_count=process_count, cached=bool(config.cache),
-      prefetch=config.prefetch)
+      on_corrupt=config.on_corrupt_image, prefetch=config.prefetch)
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
@@ -122,4 +196,4 @@ def class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
 
 
 __all__ = ['Batch', 'DatasetInfo', 'Examples', 'class_counts', 'get_dataset_info',
-           'get_eval_data', 'get_train_data', 'load_split', 'train_order']
+           'get_eval_data', 'get_train_data', 'load_split', 'streams', 'train_order']

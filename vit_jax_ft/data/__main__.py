@@ -9,7 +9,6 @@ import pathlib
 
 from absl import app, flags
 from ml_collections import config_flags
-import numpy as np
 
 from vit_jax_ft import data
 from vit_jax_ft.data import folder, tfds_source
@@ -30,13 +29,17 @@ def main(argv):
                                       config.tfds_manual_dir, config.tfds_download)
     print(f'{config.dataset} is prepared in {builder.data_dir}')
   info = data.get_dataset_info(config)
-  test = data.load_split(config, config.pp.test)
-  test_counts = np.bincount(test.labels, minlength=info.num_classes)
   print(f'dataset {config.dataset}: {info.num_classes} classes, train {config.pp.train!r} '
         f'{info.num_train} per epoch, test {config.pp.test!r} {info.num_test}')
+  unknown = ['?'] * info.num_classes  # Streamed splits: counting would read all of them.
+  train_counts = info.train_class_counts or unknown
+  test_counts = unknown
+  if not data.streams(config, config.pp.test):
+    test = data.load_split(config, config.pp.test)
+    test_counts = data.class_counts(test.labels, info.num_classes)
   print(f'{"class":>5s}  {"name":24s} {"train":>8s} {"test":>8s}')
   for c, name in enumerate(info.class_names):
-    print(f'{c:5d}  {name[:24]:24s} {info.train_class_counts[c]:8d} {test_counts[c]:8d}')
+    print(f'{c:5d}  {name[:24]:24s} {train_counts[c]:>8} {test_counts[c]:>8}')
 
 
 if __name__ == '__main__':

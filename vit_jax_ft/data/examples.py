@@ -21,3 +21,7 @@ class Examples:
     """Encoded bytes of example `index` from `table` (= `tf.constant(self.data)`)."""
     entry = tf.gather(table, index)
     return tf.io.read_file(entry) if self.is_path else entry
+
+  def name(self, index: int) -> str:
+    """How logs and errors call example `index`: its file, or its place in the split."""
+    return str(self.data[index]) if self.is_path else f'example {index} of the split'

@@ -1,6 +1,6 @@
 """tensorflow_datasets splits read into memory still encoded, and preparation that never hangs offline."""
 import os
-from typing import Optional
+from typing import List, Optional
 
 from absl import logging
 import numpy as np
@@ -60,12 +60,42 @@ def _check_manual_dir(builder: tfds.core.DatasetBuilder, manual_dir: str) -> Non
         'allow downloading with --config.tfds_download=True (needs internet).')
 
 
-def load_split(builder: tfds.core.DatasetBuilder, split: str) -> Examples:
-  """All examples of `split` (slicing allowed) as encoded image bytes and labels."""
+def class_names(builder: tfds.core.DatasetBuilder) -> List[str]:
+  """The label names of an image classification dataset (`image` and `label` features)."""
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise ValueError(f'tfds dataset {builder.name!r} has features {list(features)}; '
                      'image classification needs `image` and `label`.')
+  return list(features['label'].names)
+
+
+def split_info(builder: tfds.core.DatasetBuilder, split: str):
+  """The `SplitInfo` of `split` (slicing allowed): its examples and their files."""
+  if not builder.info.splits:
+    raise ValueError(f'tfds dataset {builder.name!r} has no split metadata (mock or '
+                     'unprepared data), so it cannot be streamed from its files; hold it in '
+                     'memory instead (raise config.stream_threshold_gb).')
+  try:
+    return builder.info.splits[split]
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'Split {split!r} of {builder.name!r} cannot be read ({e}). Splits: '
+                     f'{", ".join(builder.info.splits)}; slicing such as `train[:98%]` is '
+                     'allowed.') from e
+
+
+def split_num_bytes(builder: tfds.core.DatasetBuilder, split: str) -> Optional[float]:
+  """Encoded size of `split` (slicing allowed) from the metadata; None when unknown."""
+  splits = builder.info.splits
+  total_bytes = sum(s.num_bytes for s in splits.values())
+  total_examples = sum(s.num_examples for s in splits.values())
+  if not total_bytes or not total_examples:
+    return None
+  return split_info(builder, split).num_examples * total_bytes / total_examples
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str) -> Examples:
+  """All examples of `split` (slicing allowed) as encoded image bytes and labels."""
+  names = class_names(builder)
   try:
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
@@ -81,8 +111,6 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> Examples:
   if not data:
     raise ValueError(f'Split {split!r} of {builder.name!r} is empty.')
   data = np.concatenate(data).astype(object)
-  class_names = list(features['label'].names)
   logging.info('Read %s[%s]: %d examples, %d classes, %.0f MB of encoded images held in memory',
-               builder.name, split, len(data), len(class_names),
-               sum(map(len, data)) / 2**20)
-  return Examples(data, np.concatenate(labels).astype(np.int64), class_names)
+               builder.name, split, len(data), len(names), sum(map(len, data)) / 2**20)
+  return Examples(data, np.concatenate(labels).astype(np.int64), names)
