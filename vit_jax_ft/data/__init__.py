@@ -152,7 +152,7 @@ def _maybe_cached(config: ml_collections.ConfigDict, examples: Examples, ops: st
 def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
                    process_index: Optional[int] = None,
                    process_count: Optional[int] = None) -> Iterator[Batch]:
-  """Infinite iterator of this host's numpy batches: image, label (and weight); resumable."""
+  """Infinite iterator of this host's numpy batches: image, label, weight; resumable."""
   process_index, process_count = _processes(process_index, process_count)
   ops = preprocess.default_ops(config.pp, train=True)
   if streams(config, config.pp.train):
