@@ -228,13 +228,14 @@ def main(argv: List[str]) -> None:
                                 FLAGS.l2_reg, FLAGS.seed)
     report = dict(about, l2_reg=FLAGS.l2_reg, seed=FLAGS.seed,
                   few_shot_accuracy={str(k): v for k, v in accuracy.items()})
-    gfile.makedirs(output_dir)
-    with gfile.GFile(os.path.join(output_dir, 'linear_probe.json'), 'w') as f:
-      json.dump(report, f, indent=2)
+    if jax.process_index() == 0:
+      gfile.makedirs(output_dir)
+      with gfile.GFile(os.path.join(output_dir, 'linear_probe.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+      print('\n'.join(f'{(str(k) if k else "all") + "-shot":<10}{v:.4f}'
+                      for k, v in accuracy.items()))
     write_scalars(FLAGS.workdir or output_dir, step,
                   {f'linear_probe/{split}/{k or "all"}_shot': v for k, v in accuracy.items()})
-    print('\n'.join(f'{(str(k) if k else "all") + "-shot":<10}{v:.4f}'
-                    for k, v in accuracy.items()))
     return
   result, timing = evaluate_model(loaded.model, loaded.params, data.get_eval_data(config),
                                   FLAGS.timing_repeats)
