@@ -112,6 +112,7 @@ def attention_distance(distances: np.ndarray, path: str,
   ax = figure.subplots()
   for head in range(heads):
     ax.scatter(np.arange(layers), distances[:, head], s=12, label=f'head {head}')
+  ax.set_xticks(np.arange(layers))
   ax.set_xlabel('Network depth (layer)')
   ax.set_ylabel('Mean attention distance (pixels)')
   if image_size:
