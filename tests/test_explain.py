@@ -16,6 +16,7 @@ from conftest import random_params
 from numpy_reference import conv2d, layer_norm
 from vit_jax_ft import checkpoint
 from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
+from vit_jax_ft.explain.__main__ import FIGURES, missing
 from vit_jax_ft.models import get_model
 from vit_jax_ft.models.resnet import BitGroupNorm
 
@@ -245,7 +246,6 @@ def test_confusion_matrix_figures_for_10_and_300_classes(tmp_path):
 
 
 def test_figure_requirements():
-  from vit_jax_ft.explain.__main__ import FIGURES, missing  # pylint: disable=import-outside-toplevel
   vit = get_model('testing', 3)
   hybrid = get_model('testing', 3, **TINY_HYBRID)
   bit = get_model('BiT-S-R50x1', 3)
@@ -259,7 +259,7 @@ def test_figure_requirements():
 
 
 def test_cli_draws_every_figure_of_a_released_checkpoint(tmp_path):
-  model = get_model('testing', 3, **TINY_VIT, num_layers=2)
+  model = get_model('testing', 3)  # Patch 16: a 2x2 grid at 32 px.
   params = jax.tree.map(np.asarray, init(model))
   checkpoint.save(params, str(tmp_path / 'vit.npz'))
   pixels = (np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))).astype(np.uint8)
@@ -267,16 +267,9 @@ def test_cli_draws_every_figure_of_a_released_checkpoint(tmp_path):
   for i, image in enumerate(pixels):
     paths.append(str(tmp_path / f'{i}.png'))
     Image.fromarray(image).save(paths[-1])
-  # A released file carries no model options: the CLI's process registers a tiny name.
   result = subprocess.run(
-      [sys.executable, '-c',
-       'import sys; from absl import app; from vit_jax_ft.explain import __main__ as m; '
-       'from vit_jax_ft import models; '
-       'models.MODEL_SPECS["tiny-test"] = dict(models.MODEL_SPECS["testing"], '
-       'hidden_size=16, mlp_dim=16, num_heads=2, num_layers=2, patch_size=(8, 8)); '
-       'm.define_flags(); app.run(m.main)',
-       f'--checkpoint={tmp_path / "vit.npz"}', '--model_name=tiny-test', '--image_size=32',
-       f'--output_dir={tmp_path / "out"}', *paths],
+      [sys.executable, '-m', 'vit_jax_ft.explain', f'--checkpoint={tmp_path / "vit.npz"}',
+       '--model_name=testing', '--image_size=32', f'--output_dir={tmp_path / "out"}', *paths],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-3000:]
