@@ -95,9 +95,10 @@ def _check_streamable(config: ml_collections.ConfigDict, split: str, train: bool
                         train_per_class=config.train_per_class, balance=config.balance)
   used = [f'config.{k}' for k, v in needs_memory.items() if v]
   if used:
-    raise ValueError(f'{", ".join(used)} need(s) split {split!r} in memory, but it is '
-                     'streamed (larger than config.stream_threshold_gb). Raise the threshold, '
-                     'or use split slicing (`train[:10%]`) instead of a fraction.')
+    raise ValueError(f'{", ".join(used)}: only for splits held in memory, and split '
+                     f'{split!r} is streamed (its size reaches config.stream_threshold_gb). '
+                     'Raise the threshold, or slice the split (`train[:10%]`) instead of '
+                     'config.train_fraction.')
 
 
 def train_order(config: ml_collections.ConfigDict, examples: Examples) -> sampling.TrainOrder:
