@@ -48,7 +48,7 @@ def run_cli(workdir, dataset, *flags, check=True, env=None, **popen):
 
 
 def final_params(workdir):
-  _, _, params, _ = train.load_for_inference(str(workdir))
+  _, _, params, _, _ = train.load_for_inference(str(workdir))
   return params
 
 

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
@@ -112,11 +111,11 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
     raise ValueError('Give either --workdir (a training run) or --checkpoint with '
                      '--model_name (a released .npz), not both or neither.')
   if workdir:
-    config, model, params, class_names = train.load_for_inference(workdir, step)
+    config, model, params, class_names, step = train.load_for_inference(workdir, step)
     if not with_head:
       model = model.clone(num_classes=0)
       params = {k: v for k, v in params.items() if k != 'head'}
-    return Loaded(config, model, params, class_names, step or latest_step(workdir))
+    return Loaded(config, model, params, class_names, step)
   if not model_name:
     raise ValueError('--checkpoint needs --model_name (`python -m vit_jax_ft.models` '
                      'lists them).')
@@ -130,13 +129,6 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
     raise ValueError(f'{class_names_file} names {len(names)} classes; the checkpoint '
                      f'head has {model.num_classes}.')
   return Loaded(config, model, params, names)
-
-
-def latest_step(workdir: str) -> Optional[int]:
-  """The newest checkpoint step of a training workdir."""
-  return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True)
-                               ).latest_step()
 
 
 def load_images(paths: Sequence[str], config: ml_collections.ConfigDict) -> np.ndarray:

@@ -344,8 +344,8 @@ def _flatten_config(config: ml_collections.ConfigDict, prefix: str = ''):
 
 
 def load_for_inference(workdir: str, step: Optional[int] = None
-                       ) -> Tuple[ml_collections.ConfigDict, nn.Module, Any, list]:
-  """(config, model, params, class_names) of a training workdir's checkpoint (latest by default)."""
+                       ) -> Tuple[ml_collections.ConfigDict, nn.Module, Any, list, int]:
+  """(config, model, params, class_names, step) of a workdir's checkpoint (latest by default)."""
   config_path = os.path.join(workdir, 'config.json')
   if not gfile.exists(config_path):
     raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json); pass the '
@@ -362,4 +362,4 @@ def load_for_inference(workdir: str, step: Optional[int] = None
                             f'available steps: {list(manager.all_steps())}.')
   restored = manager.restore(step, args=ocp.args.StandardRestore())
   model = build_model(config, len(class_names))
-  return config, model, restored['params'], class_names
+  return config, model, restored['params'], class_names, step
