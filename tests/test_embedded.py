@@ -137,11 +137,52 @@ def test_export_digits_refuses_bad_arguments(tmp_path):
     embedded.split_digits(test_fraction=1.5, seed=0)
 
 
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+  """The idx format (big-endian header: 0, type 0x08, ndim, sizes), gzipped."""
+  with gzip.open(path, 'wb') as f:
+    f.write(struct.pack(f'>HBB{array.ndim}I', 0, 0x08, array.ndim, *array.shape) +
+            array.astype(np.uint8).tobytes())
+
+
+def test_make_checkpoint_learns_real_digits_written_as_idx_files(tmp_path):
+  split = embedded.split_digits(test_fraction=0.25, seed=0)
+  for name, (images, labels) in zip(('train', 'test'), (split['train'], split['test'])):
+    image_file, label_file = embedded.FASHION_MNIST_FILES[name]
+    _write_idx(tmp_path / image_file, embedded.upscale_digits(images, 16))
+    _write_idx(tmp_path / label_file, labels)
+  config = embedded.pretrain_config(steps=60, batch=64, base_lr=0.1, warmup_steps=5, seed=0)
+  out = str(tmp_path / 'ckpt.npz')
+  test_accuracy = embedded.make_checkpoint(str(tmp_path), out, config, max_zoom=1.2)
+
+  # Recount the accuracy from the saved file, independently of `accuracy`.
+  params = checkpoint.load(out)
+  test_x, test_y = split['test']
+  logits = embedded.embedded_model(10).apply(
+      {'params': params}, embedded.grey_to_model_input(embedded.upscale_digits(test_x, 16)))
+  assert test_accuracy == pytest.approx(np.mean(np.argmax(logits, -1) == test_y))
+  assert test_accuracy > 0.5, test_accuracy  # 0.68 when written; chance is 0.1.
+  with pytest.raises(ValueError, match='max_zoom'):
+    embedded.pretrain(test_x, test_y, config, max_zoom=0.5)
+
+
+def test_random_zoom_keeps_the_field_of_view_inside_the_image():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(-1, 1, (4, 12, 12, 3)), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_allclose(embedded.random_zoom(key, images, 1.0), images, atol=1e-6)
+  # Zooming in by s turns a ramp of slope 1 into one of slope 1/s, within the original range.
+  ramp = jnp.broadcast_to(jnp.arange(12, dtype=jnp.float32)[None, :, None, None],
+                          (4, 12, 12, 3))
+  zoomed = np.asarray(embedded.random_zoom(key, ramp, 2.0))
+  slopes = np.diff(zoomed[:, 2:-2], axis=1)
+  assert np.all(slopes > 0.5 - 1e-4) and np.all(slopes < 1.0 + 1e-4)
+  assert zoomed.min() >= -1e-4 and zoomed.max() <= 11 + 1e-4
+
+
 def test_read_idx_matches_the_format(tmp_path):
   array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
   path = tmp_path / 'x-idx3-ubyte.gz'
-  with gzip.open(path, 'wb') as f:
-    f.write(struct.pack('>HBB3I', 0, 0x08, 3, 2, 3, 4) + array.tobytes())
+  _write_idx(path, array)
   np.testing.assert_array_equal(embedded.read_idx(str(path)), array)
   bad = tmp_path / 'bad.gz'
   with gzip.open(bad, 'wb') as f:

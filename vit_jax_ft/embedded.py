@@ -171,6 +171,8 @@ def pretrain(images: np.ndarray, labels: np.ndarray, config: ml_collections.Conf
   """Trains the embedded model from scratch on (N, H, W) uint8 grey images."""
   if config.batch > len(images):
     raise ValueError(f'batch={config.batch} exceeds the {len(images)} training images.')
+  if max_zoom < 1:
+    raise ValueError(f'max_zoom={max_zoom}; pass 1 (no zoom) or more.')
   model = embedded_model(int(labels.max()) + 1)
   init_key, augment_key = jax.random.split(jax.random.PRNGKey(config.seed))
   params = model.init(init_key, jnp.zeros((1,) + images.shape[1:] + (3,)),
