@@ -50,7 +50,7 @@ def test_config_fine_tunes_the_committed_checkpoint_at_a_new_resolution():
   assert os.path.getsize(CHECKPOINT) < 1_000_000
 
 
-def test_checkpoint_loads_into_the_fine_tuning_model(feature_model_and_init):
+def test_checkpoint_loads_into_the_fine_tuning_model():
   raw = checkpoint.read_npz(CHECKPOINT)
   # The released layout: pre-Linen names inside the encoder blocks.
   assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in raw
