@@ -248,8 +248,16 @@ def test_an_undecodable_file_keeps_every_position(tmp_path):
       failures += bad.sum()
     assert failures == (2 if split == 'train' else 1)  # Train: 4 steps of 8 = 2 epochs.
   config = _config(tmp_path / 'broken', on_corrupt_image='error')
-  with pytest.raises(ValueError, match='Cannot decode the image of .*broken/train/cat/'):
+  with pytest.raises(ValueError, match='Cannot decode or preprocess the image of .*broken/train/cat/'):
     _take(data.get_train_data(config, process_count=1, process_index=0), 4)
+
+
+def test_preprocessing_that_fails_on_every_image_stops_with_a_hint(image_folder):
+  root, _ = image_folder
+  config = _config(root)
+  config.pp.train_ops = 'decode|random_crop(64)|value_range(-1,1)'  # Images are 32 px.
+  with pytest.raises(ValueError, match='preprocessing ops probably do not fit'):
+    next(data.get_train_data(config, process_count=1, process_index=0))
 
 
 def test_folder_errors(tmp_path):

@@ -1,10 +1,11 @@
 """Host batches that keep every example in its slot, even when its image fails to decode.
 
-Each host batch is decoded as its own small dataset: an image that fails is dropped
-there (`ignore_errors`) and the others are scattered back to their slots, with `ok`
-marking the decoded ones. Later examples never shift into a failed one's slot, so the
-stream's positions, resumption and the split over hosts stay exact. Missing slots of
-a short batch (evaluation padding) come out as zeros with `ok` = 0 and `failed` = 0.
+Each host batch is decoded as its own small dataset: an image that fails (to decode or
+to preprocess) is dropped there (`ignore_errors`) and the others are scattered back to
+their slots, with `ok` marking the decoded ones. Later examples never shift into a
+failed one's slot, so the stream's positions, resumption and the split over hosts stay
+exact. Missing slots of a short batch (evaluation padding) come out as zeros with
+`ok` = 0 and `failed` = 0.
 """
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -76,7 +77,7 @@ def _scatter(slot: tf.Tensor, examples: Dict[str, tf.Tensor], sources: Dict[str,
 
 
 class DecodeFailures:
-  """Images that failed to decode: each is logged and counted, or stops the run ('error')."""
+  """Images that failed: each is logged and counted, or stops the run ('error')."""
 
   def __init__(self, on_corrupt: str, consequence: str):
     self.on_corrupt = on_corrupt
@@ -88,11 +89,15 @@ class DecodeFailures:
     if not failed.any():
       return
     bad: List[str] = list(names(np.flatnonzero(failed)))
+    if failed.all() and failed.size > 1:
+      raise ValueError(f'Every image of a batch failed to decode or preprocess ({bad[0]}, '
+                       '...): the preprocessing ops probably do not fit the images (a crop '
+                       'larger than they are?); check config.pp. Otherwise the data is broken.')
     if self.on_corrupt == 'error':
-      raise ValueError(f'Cannot decode the image of {bad[0]}. Remove or repair it, or set '
-                       "config.on_corrupt_image='skip' to give it weight 0 and go on.")
+      raise ValueError(f'Cannot decode or preprocess the image of {bad[0]}. Remove or repair '
+                       "it, or set config.on_corrupt_image='skip' to give it weight 0 and go on.")
     self.count += len(bad)
-    logging.warning('Cannot decode the image of %s; %s (%d undecodable so far).',
+    logging.warning('Cannot decode or preprocess the image of %s; %s (%d such images so far).',
                     ', '.join(bad), self.consequence, self.count)
 
 
