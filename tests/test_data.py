@@ -248,7 +248,7 @@ def test_an_undecodable_file_keeps_every_position(tmp_path):
       failures += bad.sum()
     assert failures == (2 if split == 'train' else 1)  # Train: 4 steps of 8 = 2 epochs.
   config = _config(tmp_path / 'broken', on_corrupt_image='error')
-  with pytest.raises(ValueError, match='Cannot decode or preprocess the image of .*broken/train/cat/'):
+  with pytest.raises(ValueError, match='Cannot decode or preprocess .*broken/train/cat/'):
     _take(data.get_train_data(config, process_count=1, process_index=0), 4)
 
 

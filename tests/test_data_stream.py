@@ -1,4 +1,4 @@
-"""Streaming tfds splits from their files: a small dataset written here in 3 record files, forced to stream."""
+"""Streaming tfds splits: a small dataset written here in 3 record files, forced to stream."""
 import io
 
 import numpy as np

@@ -129,7 +129,8 @@ def eval_batches(builder: tfds.core.DatasetBuilder, split: str, ops: str, *, glo
   largest_share = -(-tfds_source.split_info(builder, split).num_examples // process_count)
   num_batches = -(-largest_share // local)
   files = host_files(builder, split, process_index, process_count, drop_remainder=False)
-  sources = _records(files, tf.range(len(files))).map(lambda source: {**source, 'position': tf.constant(0, tf.int64)})
+  sources = _records(files, tf.range(len(files))).map(
+      lambda source: {**source, 'position': tf.constant(0, tf.int64)})
   padding = {k: batching.empty(s) for k, s in sources.element_spec.items()}
   sources = sources.batch(local).concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = batching.decode_in_slots(sources.take(num_batches), _loader(builder, ops, seed=0),
