@@ -22,9 +22,6 @@ from vit_jax_ft.data.batching import Batch
 from vit_jax_ft.data.examples import Examples
 
 CORRUPT_IMAGE_MODES = ('skip', 'error')
-# Default of config.stream_threshold_gb: ImageNet's validation split (6.3 GB) stays in
-# memory, its training split (140 GB) streams.
-STREAM_THRESHOLD_GB = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +79,7 @@ def streams(config: ml_collections.ConfigDict, split: str) -> bool:
   _check(config)
   if folder.is_folder(config.dataset):
     return False
-  threshold = float(config.get('stream_threshold_gb', STREAM_THRESHOLD_GB))
+  threshold = float(config.stream_threshold_gb)
   size = tfds_source.split_num_bytes(_tfds_builder(config), split) or 0
   return size >= threshold * 2**30
 
