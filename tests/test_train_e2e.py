@@ -70,9 +70,9 @@ def evaluated_examples(workdir, process=0) -> int:
 
 @pytest.fixture(scope='module')
 def reference_run(digits_folder, tmp_path_factory) -> pathlib.Path:
-  """One uninterrupted CLI run on the digits folder."""
+  """One uninterrupted CLI run on the digits folder, given a relative --workdir."""
   workdir = tmp_path_factory.mktemp('reference')
-  run_cli(workdir, digits_folder)
+  run_cli(os.path.relpath(workdir, ROOT), digits_folder)
   return workdir
 
 

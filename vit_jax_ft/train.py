@@ -185,13 +185,19 @@ def evaluate(params: Any, eval_fn, mesh: jax.sharding.Mesh,
           'num_examples': count}
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """`workdir/checkpoints`, made absolute for local paths as orbax requires."""
+  path = os.path.join(workdir, 'checkpoints')
+  return path if '://' in path else os.path.abspath(path)
+
+
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
                        ) -> ocp.CheckpointManager:
   """Orbax manager of `workdir/checkpoints`: asynchronous, atomic, keeps the last N."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
       create=True)
-  return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 class _Preemption:
@@ -354,7 +360,7 @@ def load_for_inference(workdir: str, step: Optional[int] = None
     config = ml_collections.ConfigDict(json.load(f))
   with gfile.GFile(os.path.join(workdir, 'dataset_info.json')) as f:
     class_names = json.load(f)['class_names']
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
