@@ -42,8 +42,7 @@ case "$cmd" in
     [[ -d workdirs/digits ]] ||
       "$VENV/bin/python" -m vit_jax_ft.embedded export_digits --out=workdirs/digits
     workdir="workdirs/embedded-$(date +%Y%m%d-%H%M%S)"
-    "$VENV/bin/python" -m vit_jax_ft.main --config=configs/embedded.py --workdir="$workdir" \
-      --alsologtostderr "$@"
+    "$VENV/bin/python" -m vit_jax_ft.main --config=configs/embedded.py --workdir="$workdir" "$@"
     exec "$VENV/bin/python" -m vit_jax_ft.evaluate --workdir="$workdir" ;;
   *) echo "Unknown command '$cmd'; see the top of run.sh for the list." >&2; exit 2 ;;
 esac

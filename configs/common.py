@@ -2,7 +2,7 @@
 
 Keys that exist in `vit_jax/configs/common.py` keep their names and meanings.
 """
-from typing import Optional
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import ml_collections
 
@@ -164,14 +164,15 @@ def with_dataset(config: ml_collections.ConfigDict, dataset: str,
     raise ValueError(f'No preset for dataset {preset!r}; known: {sorted(DATASET_PRESETS)}. '
                      'Set config.pp.train/test/crop and total_steps yourself.')
   config.dataset = dataset
-  config.update_from_flattened_dict(
-      dict(_flatten(DATASET_PRESETS[preset])))
+  config.update_from_flattened_dict(dict(flatten(DATASET_PRESETS[preset])))
   return config
 
 
-def _flatten(d: dict, prefix: str = ''):
-  for key, value in d.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}.')
+def flatten(config: Union[dict, ml_collections.ConfigDict],
+            prefix: str = '') -> Iterator[Tuple[str, Any]]:
+  """('pp.crop', 384)-style pairs of a nested config, e.g. for sweeps and hparams."""
+  for key, value in config.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from flatten(value, f'{prefix}{key}.')
     else:
       yield f'{prefix}{key}', value

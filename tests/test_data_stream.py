@@ -4,7 +4,6 @@ import io
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from conftest import SHARED_DATA
 from configs import common

@@ -60,6 +60,10 @@ def test_unknown_name_lists_close_names():
     get_model('ViT-B16', 10)
   with pytest.raises(ValueError, match='Unknown option'):
     get_model('ViT-B_16', 10, hiden_size=3)
+  with pytest.raises(ValueError, match="classifier='tokn'"):
+    get_model('ViT-B_16', 10, classifier='tokn')
+  with pytest.raises(ValueError, match='sow_attention'):
+    get_model('ViT-B_16', 10, attention='dot_product', sow_attention=True)
 
 
 def _tiny_vit(**overrides):

@@ -86,3 +86,6 @@ def test_frozen_parameters_get_no_update():
     updates, state = tx.update(grads, state, params)
   assert not np.any(updates['a']['kernel'])
   assert np.all(updates['b']['bias'] != 0)
+  config.freeze = ('^c/',)
+  with pytest.raises(ValueError, match="pattern '\\^c/' matches no parameter"):
+    optim.make_optimizer(config).init(params)

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tiny_config import get_config
 from vit_jax_ft import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,7 +53,7 @@ def final_params(workdir):
 
 def read_log(workdir, process=0) -> str:
   """The log files of a process in the workdir, oldest run first."""
-  files = sorted(pathlib.Path(workdir).glob(f'train.process{process}.*.log.*'),
+  files = sorted(pathlib.Path(workdir).glob(f'train.process{process}.*.log'),
                  key=lambda p: p.stat().st_mtime)
   return ''.join(p.read_text() for p in files)
 
@@ -116,7 +115,7 @@ def test_killed_run_resumes_to_the_same_result(digits_folder, reference_run, tmp
                     stderr=subprocess.DEVNULL)
   _wait_for_checkpoint(interrupted, 20, process)
   process.send_signal(sig)
-  process.wait(timeout=120)
+  assert process.wait(timeout=120) == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
   steps = sorted(int(p.name) for p in (interrupted / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps and steps[-1] < 60, steps
   run_cli(interrupted, digits_folder)

@@ -6,7 +6,10 @@ r"""Fine-tunes a Vision Transformer: the command line of `train.train_and_evalua
 On several hosts run the same command on each; `--jax_distributed` initialises
 `jax.distributed` (automatic on TPU pods, SLURM and Open MPI; or give the coordinator).
 """
+import logging as std_logging
 import os
+import sys
+import time
 
 from absl import app, flags, logging
 import jax
@@ -28,6 +31,18 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a killed process).
+PREEMPTED_EXIT_CODE = 143
+
+
+def add_gfile_logger(workdir: str) -> None:
+  """Copies the log into the workdir (local or gs://), one file per process and run."""
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  name = f'train.process{jax.process_index()}.{stamp}.{os.getpid()}.log'
+  handler = std_logging.StreamHandler(gfile.GFile(os.path.join(workdir, name), 'w'))
+  handler.setFormatter(logging.PythonFormatter())
+  logging.get_absl_logger().addHandler(handler)
+
 
 def main(argv):
   if len(argv) > 1:
@@ -36,12 +51,14 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
   gfile.makedirs(workdir)
-  if '://' not in workdir:
-    logging.get_absl_handler().use_absl_log_file(
-        f'train.process{jax.process_index()}', workdir)
+  add_gfile_logger(workdir)
   logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
-  train.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir)
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -47,14 +47,21 @@ def _base_optimizer(config: ml_collections.ConfigDict,
 
 
 def frozen_labels(patterns: Sequence[str]) -> Callable[[Any], Any]:
-  """Labels each parameter 'frozen' when its '/'-joined path matches one of `patterns`."""
+  """Labels each parameter 'frozen' when its '/'-joined path matches one of `patterns`.
+
+  A pattern that matches no parameter is a typo, and an error.
+  """
   compiled = [re.compile(p) for p in patterns]
 
   def label(params):
-    flat = traverse_util.flatten_dict(params, sep='/')
+    names = list(traverse_util.flatten_dict(params, sep='/'))
+    for pattern in compiled:
+      if not any(pattern.search(n) for n in names):
+        raise ValueError(f'config.freeze pattern {pattern.pattern!r} matches no parameter; '
+                         f'names look like {names[:3]}.')
     return traverse_util.unflatten_dict(
-        {k: 'frozen' if any(p.search(k) for p in compiled) else 'trained'
-         for k in flat}, sep='/')
+        {k: 'frozen' if any(p.search(k) for p in compiled) else 'trained' for k in names},
+        sep='/')
   return label
 
 

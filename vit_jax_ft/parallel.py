@@ -25,7 +25,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, name: str = 'batch') -> None:
+def check_batch_size(global_batch: int, name: str) -> None:
   """The global batch must split evenly over processes and devices."""
   if global_batch % jax.device_count():
     raise ValueError(f'config.{name}={global_batch} is not divisible by the '

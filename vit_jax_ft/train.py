@@ -7,11 +7,10 @@ devices and hosts by construction. One step on 8 devices equals one step on 1 de
 import functools
 import json
 import os
-import re
 import signal
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -22,8 +21,11 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
-from flax import struct, traverse_util
+from jax.experimental import multihost_utils
+from flax import struct
 from tensorflow.io import gfile
+
+from configs import common
 
 from vit_jax_ft import checkpoint, data, hub, models, optim, parallel
 
@@ -55,6 +57,9 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   """Checkpoint to start from: `pretrained_path` (a file, URL or public name), else
   `pretrained_dir/{model_name}.npz` as in the official code, else None (from scratch)."""
   if config.pretrained_path:
+    if jax.process_index() == 0:  # The first host fetches; on a shared disk the rest find it.
+      hub.resolve(config.pretrained_path)
+    multihost_utils.sync_global_devices('pretrained checkpoint fetched')
     return hub.resolve(config.pretrained_path)
   if not config.pretrained_dir:
     return None
@@ -83,7 +88,6 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
     params = checkpoint.load_pretrained(path, params)
   else:
     logging.warning('No pretrained checkpoint: training %s from scratch.', config.model_name)
-  _check_freeze_patterns(config, params)
   params = parallel.replicate(mesh, params)
   opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
   step = parallel.replicate(mesh, jnp.zeros((), jnp.int32))
@@ -102,15 +106,6 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       state)
-
-
-def _check_freeze_patterns(config: ml_collections.ConfigDict, params: Any) -> None:
-  """A freeze pattern that matches no parameter is a typo."""
-  names = list(traverse_util.flatten_dict(params, sep='/'))
-  for pattern in config.freeze:
-    if not any(re.search(pattern, n) for n in names):
-      raise ValueError(f'config.freeze pattern {pattern!r} matches no parameter; names '
-                       f'look like {names[:3]}.')
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
@@ -151,7 +146,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
+                     'param_norm': optax.global_norm(params)}
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
@@ -200,11 +196,16 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can save and stop at the next step boundary."""
+class Preempted(Exception):
+  """Training saved a checkpoint and stopped after SIGTERM; rerun the command to resume."""
 
-  def __init__(self):
-    self.requested = False
+
+class _Preemption:
+  """Turns SIGTERM into a request to save and stop at the next step boundary."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager = manager
+    self._requested = False
     self._previous = None
 
   def __enter__(self):
@@ -215,25 +216,33 @@ class _Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and stopping.')
-    self.requested = True
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop at `step`; every host agrees (a local flag would hang collectives)."""
+    if jax.process_count() > 1:
+      return self._manager.reached_preemption(step)
+    return self._requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(losses: list, first_step: int, last_saved: Optional[int]) -> None:
-  """Raises when any loss since the last check is NaN or infinite."""
-  if not losses:
+def _check_finite(unchecked: List[Metrics], first_step: int, last_saved: Optional[int]) -> None:
+  """Raises when a loss or the parameters since the last check are NaN or infinite."""
+  if not unchecked:
     return
-  values = np.asarray(jax.device_get(losses))
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
+  values = jax.device_get([(m['loss'], m['param_norm']) for m in unchecked])
+  bad = [i for i, (loss, norm) in enumerate(values) if not np.isfinite([loss, norm]).all()]
+  if bad:
+    loss, norm = values[bad[0]]
     where = (f'the last good checkpoint (step {last_saved}) is kept'
              if last_saved else 'no checkpoint was written')
     raise NonFiniteLossError(
-        f'The training loss became {values[bad[0]]} at step {first_step + bad[0]}; {where}. '
-        'Lower config.base_lr, keep grad_norm_clip, or check the data.')
+        f'The training loss became {loss} (parameter norm {norm}) at step '
+        f'{first_step + bad[0]}; {where}. Lower config.base_lr, keep grad_norm_clip, or '
+        'check the data.')
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str,
@@ -252,7 +261,6 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Fine-tunes `config.model_name` on `config.dataset`; returns the final test metrics."""
   mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.batch)
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
   if config.batch % (jax.device_count() * config.accum_steps):
     raise ValueError(f'config.batch={config.batch} must be divisible by devices '
@@ -282,71 +290,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flatten_config(config)})
+    writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                          for k, v in common.flatten(config)})
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.progress_every or None)
 
   def run_eval(step):
-    metrics = evaluate(state.params, eval_fn, mesh, data.get_eval_data(config), config.prefetch)
+    with progress.timed('eval'):
+      metrics = evaluate(state.params, eval_fn, mesh, data.get_eval_data(config),
+                         config.prefetch)
     writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
     logging.info('Step %d: test top-1 %.4f, top-5 %.4f on %d examples', step,
                  metrics['accuracy_top1'], metrics['accuracy_top5'], metrics['num_examples'])
     return metrics
 
-  def save(step):
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-
-  batches = parallel.prefetch_to_mesh(
-      mesh, data.get_train_data(config, start_step=start), config.prefetch)
-  losses, first_unchecked, last_saved = [], start + 1, latest
-  metrics = {}
-  window_start, window_step = time.time(), start
-  logging.info('Training steps %d..%d; the first step compiles.', start + 1, config.total_steps)
-  with _Preemption() as preemption:
-    for step in range(start + 1, config.total_steps + 1):
-      state, step_metrics = step_fn(state, next(batches))
-      losses.append(step_metrics['loss'])
-      progress(step)
-      last = step == config.total_steps
-      report = (config.progress_every and step % config.progress_every == 0) or last
-      checkpoint_now = (config.checkpoint_every and step % config.checkpoint_every == 0)
-      if report or checkpoint_now or preemption.requested:
-        _check_finite(losses, first_unchecked, last_saved)
-        losses, first_unchecked = [], step + 1
-      if report:
-        elapsed = time.time() - window_start
-        images_per_sec = config.batch * (step - window_step) / max(elapsed, 1e-9)
-        scalars = jax.device_get(step_metrics)
-        writer.write_scalars(step, {
-            'train_loss': float(scalars['loss']), 'grad_norm': float(scalars['grad_norm']),
-            'learning_rate': float(lr_fn(step - 1)), 'images_per_sec': images_per_sec,
-            'images_per_sec_per_device': images_per_sec / jax.device_count()})
-        eta = (config.total_steps - step) * elapsed / max(step - window_step, 1)
-        logging.info('Step %d/%d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %s', step,
-                     config.total_steps, scalars['loss'], (step - window_step) / elapsed,
-                     images_per_sec, time.strftime('%H:%M:%S', time.gmtime(eta)))
-        window_start, window_step = time.time(), step
-      if last or (config.eval_every and step % config.eval_every == 0):
-        metrics = run_eval(step)
-      if checkpoint_now or last or preemption.requested:
-        save(step)
-        last_saved = step
-      if preemption.requested and not last:
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.',
-                        step)
-        break
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
-  return metrics
-
-
-def _flatten_config(config: ml_collections.ConfigDict, prefix: str = ''):
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _flatten_config(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value if isinstance(value, (int, float, str, bool)) else str(value)
+  try:
+    if start >= config.total_steps:
+      logging.info('The checkpoint of step %d already reaches total_steps=%d: evaluating only.',
+                   start, config.total_steps)
+      return run_eval(start)
+    batches = parallel.prefetch_to_mesh(
+        mesh, data.get_train_data(config, start_step=start), config.prefetch)
+    unchecked, first_unchecked, last_saved = [], start + 1, latest
+    metrics = {}
+    logging.info('Training steps %d..%d; the first step compiles.', start + 1,
+                 config.total_steps)
+    with _Preemption(manager) as preemption:
+      for step in range(start + 1, config.total_steps + 1):
+        state, step_metrics = step_fn(state, next(batches))
+        unchecked.append(step_metrics)
+        if step == start + 1:  # Throughput is measured from the end of the compile.
+          jax.block_until_ready(step_metrics)
+          window_start, window_step = time.time(), step
+        progress(step)
+        last = step == config.total_steps
+        stop = preemption.should_stop(step)
+        report = (config.progress_every and step % config.progress_every == 0) or last
+        save = (config.checkpoint_every and step % config.checkpoint_every == 0) or last or stop
+        if report or save:
+          _check_finite(unchecked, first_unchecked, last_saved)
+          unchecked, first_unchecked = [], step + 1
+        if report and step > window_step:
+          images_per_sec = config.batch * (step - window_step) / (time.time() - window_start)
+          scalars = jax.device_get(step_metrics)
+          writer.write_scalars(step, {
+              'train_loss': scalars['loss'], 'grad_norm': scalars['grad_norm'],
+              'learning_rate': lr_fn(step - 1), 'images_per_sec': images_per_sec,
+              'images_per_sec_per_device': images_per_sec / jax.device_count()})
+          logging.info('Step %d/%d: loss %.4f, %.1f images/s', step, config.total_steps,
+                       scalars['loss'], images_per_sec)
+          window_start, window_step = time.time(), step
+        if save:  # Before the evaluation, so a preempted run saves within its grace period.
+          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+          last_saved = step
+        if stop and not last:
+          raise Preempted(f'Saved the checkpoint of step {step} after SIGTERM; rerun the same '
+                          'command to resume.')
+        if last or (config.eval_every and step % config.eval_every == 0):
+          metrics = run_eval(step)
+    return metrics
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
 
 
 def load_for_inference(workdir: str, step: Optional[int] = None

@@ -6,7 +6,7 @@ import flax.linen as nn
 
 from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
 from vit_jax_ft.models.resnet import BitResNet
-from vit_jax_ft.models.vit import ATTENTION_KINDS, VisionTransformer
+from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, VisionTransformer
 
 MODEL_CLASSES = {'vit': VisionTransformer, 'bit': BitResNet}
 
@@ -30,9 +30,14 @@ def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   if unknown:
     raise ValueError(f'Unknown option(s) {sorted(unknown)} for model {name!r}; '
                      f'allowed: {sorted(fields - {"num_classes", "model_name"})}.')
-  if overrides.get('attention', 'dense') not in ATTENTION_KINDS:
-    raise ValueError(f'attention={overrides["attention"]!r}; allowed: {ATTENTION_KINDS}.')
   spec.update(overrides)
+  if spec.get('attention', 'dense') not in ATTENTION_KINDS:
+    raise ValueError(f'attention={spec["attention"]!r}; allowed: {ATTENTION_KINDS}.')
+  if spec.get('classifier', 'token') not in CLASSIFIERS:
+    raise ValueError(f'classifier={spec["classifier"]!r}; allowed: {CLASSIFIERS}.')
+  if spec.get('sow_attention') and spec.get('attention') == 'dot_product':
+    raise ValueError('sow_attention needs attention="dense": the fused kernel never '
+                     'materialises the attention weights.')
   return module_class(num_classes=num_classes, model_name=name, **spec)
 
 

@@ -17,8 +17,9 @@ from vit_jax_ft.models import resnet
 
 Dtype = Any
 
-# Allowed values of the `attention` option.
+# Allowed values of the `attention` and `classifier` options.
 ATTENTION_KINDS = ('dense', 'dot_product')
+CLASSIFIERS = ('token', 'gap')
 
 
 def fused_attention(query, key, value, bias=None, mask=None, *,
