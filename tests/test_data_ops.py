@@ -58,7 +58,7 @@ def test_resize_small_keeps_aspect_and_central_crop_is_the_middle():
   out = _run('resize_small(20)')
   assert out.shape == (20, 30, 3)
   np.testing.assert_allclose(out, tf.image.resize(IMAGE, [20, 30], 'area').numpy())
-  np.testing.assert_array_equal(_run('central_crop(10, 20)'), IMAGE[15:25, 20:40])
+  np.testing.assert_array_equal(_run('central_crop((10, 20))'), IMAGE[15:25, 20:40])
 
 
 def test_random_crop_is_a_window_of_the_image():
@@ -102,3 +102,12 @@ def test_same_seed_same_output_other_seed_other_output():
 def test_bad_op_strings_name_the_problem(spec, message):
   with pytest.raises(ValueError, match=message):
     preprocess.build(spec)
+
+
+def test_op_arguments_follow_big_vision():
+  """The size is one argument (n or (h, w)); the next positional of inception_crop is area_min."""
+  square = IMAGE[:, :40]
+  np.testing.assert_allclose(_run('inception_crop(16, 100)', image=square),
+                             _run('resize(16)', image=square))
+  assert _run('resize((10, 20))').shape == (10, 20, 3)
+  assert _run('random_crop((8, 12))').shape == (8, 12, 3)

@@ -5,7 +5,7 @@ TF ops seeded per example, so results do not depend on parallelism or on where a
 resumed. The official vit_jax pipeline is `default_ops(config, train)`.
 """
 import ast
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import ml_collections
 import tensorflow as tf
@@ -25,8 +25,12 @@ def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
   return add
 
 
-def _size(height: int, width: Optional[int] = None) -> Tuple[int, int]:
-  return (height, height if width is None else width)
+Size = Union[int, Sequence[int]]
+
+
+def _size(size: Size) -> Tuple[int, int]:
+  """`n` or `(height, width)`, as big_vision's ops take sizes."""
+  return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @register('decode')
@@ -40,11 +44,11 @@ def decode(channels: int = 3) -> Op:
 
 
 @register('resize')
-def resize(height: int, width: Optional[int] = None, method: str = 'bilinear') -> Op:
-  """Resizes to `height x width` (aspect not kept), as the official eval pipeline does."""
+def resize(size: Size, method: str = 'bilinear') -> Op:
+  """Resizes to `size` (aspect not kept), as the official eval pipeline does."""
   def _resize(image, seed):
     del seed
-    return tf.image.resize(image, _size(height, width), method=method)
+    return tf.image.resize(image, _size(size), method=method)
   return _resize
 
 
@@ -61,9 +65,9 @@ def resize_small(smaller_size: int, method: str = 'area') -> Op:
 
 
 @register('central_crop')
-def central_crop(height: int, width: Optional[int] = None) -> Op:
-  """Crops the centre `height x width` window."""
-  crop_h, crop_w = _size(height, width)
+def central_crop(size: Size) -> Op:
+  """Crops the centre window of `size`."""
+  crop_h, crop_w = _size(size)
 
   def _central_crop(image, seed):
     del seed
@@ -74,9 +78,9 @@ def central_crop(height: int, width: Optional[int] = None) -> Op:
 
 
 @register('random_crop')
-def random_crop(height: int, width: Optional[int] = None) -> Op:
-  """Crops a uniformly placed `height x width` window."""
-  crop_h, crop_w = _size(height, width)
+def random_crop(size: Size) -> Op:
+  """Crops a uniformly placed window of `size`."""
+  crop_h, crop_w = _size(size)
 
   def _random_crop(image, seed):
     return tf.image.stateless_random_crop(image, [crop_h, crop_w, tf.shape(image)[2]], seed)
@@ -84,18 +88,18 @@ def random_crop(height: int, width: Optional[int] = None) -> Op:
 
 
 @register('inception_crop')
-def inception_crop(height: int, width: Optional[int] = None, area_min: float = 5,
-                   area_max: float = 100, method: str = 'bilinear') -> Op:
+def inception_crop(size: Size, area_min: float = 5, area_max: float = 100,
+                   method: str = 'bilinear') -> Op:
   """Random window of `area_min..area_max` percent of the image, resized (official train crop)."""
   def _inception_crop(image, seed):
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    begin, window, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
         area_range=(area_min / 100, area_max / 100),
         aspect_ratio_range=INCEPTION_ASPECT_RATIOS,
         min_object_covered=0, use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, size)
+    crop = tf.slice(image, begin, window)
     crop = tf.ensure_shape(crop, [None, None, image.shape[-1]])
-    return tf.image.resize(crop, _size(height, width), method=method)
+    return tf.image.resize(crop, _size(size), method=method)
   return _inception_crop
 
 
