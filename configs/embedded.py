@@ -33,7 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch = 64
   config.batch_eval = 256
   config.accum_steps = 1
-  config.shuffle_buffer = 2_000
   config.cache = True
   config.eval_every = 100
   config.progress_every = 20

@@ -136,7 +136,8 @@ def test_bad_input_names_the_problem(released, tmp_path):
     predict.load_model(workdir=str(tmp_path), checkpoint_path=path)
   with pytest.raises(ValueError, match='--model_name'):
     predict.load_model(checkpoint_path=path)
-  with pytest.raises(checkpoint.CheckpointError, match='does not fit ViT-Ti_16'):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"Shape mismatch for '.+'.* has \(10,\), the model expects \(192,\)"):
     predict.load_model(checkpoint_path=path, model_name='ViT-Ti_16', image_size=32)
   names_file = tmp_path / 'names.txt'
   names_file.write_text('a\nb\n')

@@ -232,47 +232,52 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
 
 
 def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
-  """Loads `path` for fine-tuning a model whose fresh params are `init_params`.
+  """Loads `path` for fine-tuning a model whose fresh params are `init_params` (see `adapt`)."""
+  return adapt(load(path), init_params, source=path)
 
-  The head comes from `init_params`; `pre_logits` is dropped when the new model
-  has none; position embeddings are resized to the new grid. Any other
+
+def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
+          source: str = 'the checkpoint', keep_head: bool = False) -> Params:
+  """Fits loaded params to a model whose fresh params (or their shapes) are `init_params`.
+
+  The head comes from `init_params` unless `keep_head`; `pre_logits` is dropped when the
+  new model has none; position embeddings are resized to the new grid. Any other
   difference is an error naming the key and both shapes.
   """
-  restored_tree = load(path)
   if is_bit_tree(restored_tree) != is_bit_tree(init_params):
     kinds = {True: 'a BiT ResNet', False: 'a ViT'}
     raise CheckpointError(
-        f'{path} holds {kinds[is_bit_tree(restored_tree)]} checkpoint but the model is '
+        f'{source} holds {kinds[is_bit_tree(restored_tree)]} checkpoint but the model is '
         f'{kinds[is_bit_tree(init_params)]}; choose the model name of the checkpoint.')
-  restored = traverse_util.flatten_dict(restored_tree, sep='/')
+  restored = traverse_util.flatten_dict(dict(restored_tree), sep='/')
   expected = traverse_util.flatten_dict(dict(init_params), sep='/')
   result = {}
   for key, init_value in expected.items():
-    if key.startswith('head/'):
+    if key.startswith('head/') and not keep_head:
       result[key] = init_value
       continue
     if key not in restored and key.startswith('pre_logits/'):
       raise CheckpointError(
-          f'{path} has no representation layer (pre_logits) but the model has one; '
+          f'{source} has no representation layer (pre_logits) but the model has one; '
           'build the model with representation_size=None.')
     if key not in restored:
       raise CheckpointError(
-          f'{path} has no {key!r} (shape {np.shape(init_value)}) that the model '
+          f'{source} has no {key!r} (shape {init_value.shape}) that the model '
           f'needs; is it a checkpoint for another model? It holds e.g. '
           f'{sorted(restored)[:5]}.')
-    value = restored[key]
+    value = np.asarray(restored[key])
     if key.endswith('posembed_input/pos_embedding') and value.shape != init_value.shape:
       value = interpolate_posembed(value, init_value.shape[1], 'cls' in init_params)
-    if value.shape != np.shape(init_value):
+    if value.shape != init_value.shape:
       raise CheckpointError(
-          f'Shape mismatch for {key!r}: checkpoint {path} has {value.shape}, the '
-          f'model expects {np.shape(init_value)}. Check the model name and its options.')
+          f'Shape mismatch for {key!r}: {source} has {value.shape}, the '
+          f'model expects {init_value.shape}. Check the model name and its options.')
     result[key] = value.astype(init_value.dtype)
   extra = [k for k in restored if k not in expected and not k.startswith(('head/', 'pre_logits/'))]
   if extra:
     raise CheckpointError(
-        f'{path} has parameters the model lacks: {extra[:5]}; is it a checkpoint '
+        f'{source} has parameters the model lacks: {extra[:5]}; is it a checkpoint '
         'for another model?')
   if 'pre_logits/kernel' in restored and 'pre_logits/kernel' not in expected:
-    logging.info('load_pretrained: dropping the pre_logits layer of %s', path)
+    logging.info('Dropping the pre_logits layer of %s', source)
   return traverse_util.unflatten_dict(result, sep='/')

@@ -22,7 +22,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
-from flax import traverse_util
 
 from configs import common
 from vit_jax_ft import checkpoint, hub, models, train
@@ -76,30 +75,10 @@ def load_released(path: str, model_name: str, image_size: int,
         f'{path} has no classification head; use it with the linear probe '
         '(`python -m vit_jax_ft.evaluate --linear_probe`) or fine-tune it first.')
   num_classes = params['head']['bias'].shape[-1] if with_head else 0
-  if not with_head:
-    params.pop('head', None)
   model = models.get_model(model_name, num_classes, **overrides)
   expected = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3))))['params']
-  if 'Transformer' in expected and 'Transformer' in params:
-    posembed = params['Transformer']['posembed_input']
-    want = expected['Transformer']['posembed_input']['pos_embedding'].shape
-    if posembed['pos_embedding'].shape != want:
-      posembed['pos_embedding'] = checkpoint.interpolate_posembed(
-          posembed['pos_embedding'], want[1], 'cls' in expected)
-  _check_shapes(params, expected, path, model_name)
-  return model, params
-
-
-def _check_shapes(params: Any, expected: Any, path: str, model_name: str) -> None:
-  """Every parameter the model needs is in the file, with its shape."""
-  have = traverse_util.flatten_dict(params, sep='/')
-  for key, want in traverse_util.flatten_dict(expected, sep='/').items():
-    if key not in have or np.shape(have[key]) != want.shape:
-      raise checkpoint.CheckpointError(
-          f'{path} does not fit {model_name}: {key!r} is '
-          f'{np.shape(have[key]) if key in have else "missing"}, the model needs '
-          f'{want.shape}. Check --model_name.')
+  return model, checkpoint.adapt(params, expected, source=path, keep_head=with_head)
 
 
 def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
