@@ -11,6 +11,7 @@ the released `.npz` layout. `export_digits` writes scikit-learn's real digits
 (which install with the project) as an image folder `OUT/{train,test}/CLASS/*.png`
 for the fine-tuning job (`configs/embedded.py`).
 """
+import functools
 import gzip
 import os
 import struct
@@ -29,7 +30,7 @@ import sklearn.datasets
 import sklearn.model_selection
 
 from configs import common
-from vit_jax_ft import checkpoint, optim
+from vit_jax_ft import checkpoint, optim, train
 from vit_jax_ft.models import get_model
 
 # The embedded model: the registry's 'testing' ViT with these options (about 140k parameters).
@@ -139,18 +140,13 @@ def random_zoom(key: jax.Array, images: jax.Array, max_zoom: float) -> jax.Array
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     max_zoom: float) -> Callable:
-  """A jitted step: random zoom (seeded by `key`), cross-entropy, gradients, optax update."""
-
-  def loss_fn(params, images, labels):
-    logits = model.apply({'params': params}, images, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  """The project's `train.train_step`, after a random zoom of the batch seeded by `key`."""
+  step = functools.partial(train.train_step, model=model, tx=tx, accum_steps=1,
+                           dropout_rng=jax.random.PRNGKey(0))
 
   @jax.jit
-  def train_step(params, opt_state, images, labels, key):
-    images = random_zoom(key, images, max_zoom)
-    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def train_step(state: train.TrainState, images, labels, key):
+    return step(state, {'image': random_zoom(key, images, max_zoom), 'label': labels})
 
   return train_step
 
@@ -178,7 +174,8 @@ def pretrain(images: np.ndarray, labels: np.ndarray, config: ml_collections.Conf
   params = model.init(init_key, jnp.zeros((1,) + images.shape[1:] + (3,)),
                       train=False)['params']
   tx = optim.make_optimizer(config)
-  opt_state = tx.init(params)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params))
   train_step = make_train_step(model, tx, max_zoom)
   order = np.random.default_rng(config.seed)
   batches_per_epoch = len(images) // config.batch
@@ -187,13 +184,13 @@ def pretrain(images: np.ndarray, labels: np.ndarray, config: ml_collections.Conf
     if step % batches_per_epoch == 0:
       permutation = order.permutation(len(images))
     index = permutation[(step % batches_per_epoch) * config.batch:][:config.batch]
-    params, opt_state, loss = train_step(
-        params, opt_state, grey_to_model_input(images[index]), labels[index],
+    state, metrics = train_step(
+        state, grey_to_model_input(images[index]), labels[index],
         jax.random.fold_in(augment_key, step))
     if step % 100 == 0 or step == config.total_steps - 1:
       logging.info('step %d/%d loss %.4f (%.0f s)', step + 1, config.total_steps,
-                   float(loss), time.time() - start_time)
-  return jax.device_get(params)
+                   float(metrics['loss']), time.time() - start_time)
+  return jax.device_get(state.params)
 
 
 def make_checkpoint(fashion_mnist_dir: str, out: str, config: ml_collections.ConfigDict,
