@@ -213,12 +213,12 @@ def test_resolve_paths_names_and_offline_hint(server, tmp_path):
   assert hub.resolve(str(local)) == str(local)
   assert hub.resolve('gs://bucket/x.npz') == 'gs://bucket/x.npz'
   with pytest.raises(FileNotFoundError, match='python -m vit_jax_ft.hub fetch BiT-M-R50x1'):
-    hub.resolve('BiT-M-R50x1', dest=str(tmp_path), download=False)
+    hub.resolve('BiT-M-R50x1', dest=str(tmp_path), fetch_missing=False)
   assert server.requests == []
   server.files['/bit_models/BiT-M-R50x1.npz'] = npz_bytes(5)
   path = hub.resolve('BiT-M-R50x1', dest=str(tmp_path))
   assert open(path, 'rb').read() == server.files['/bit_models/BiT-M-R50x1.npz']
-  assert hub.resolve('BiT-M-R50x1', dest=str(tmp_path), download=False) == path
+  assert hub.resolve('BiT-M-R50x1', dest=str(tmp_path), fetch_missing=False) == path
 
 
 def test_augreg_index_csv_is_read_when_reachable(server):

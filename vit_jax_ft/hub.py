@@ -229,11 +229,11 @@ def fetch(name: str, dest: str = 'checkpoints', url: Optional[str] = None,
   return target
 
 
-def resolve(name_or_path: str, dest: str = 'checkpoints', download: bool = True) -> str:
+def resolve(name_or_path: str, dest: str = 'checkpoints', fetch_missing: bool = True) -> str:
   """A readable checkpoint path: `name_or_path` itself if a file or URL, else the named one.
 
   Named checkpoints are looked for in `dest` and fetched there when absent
-  (with `download=True`).
+  (with `fetch_missing=True`).
   """
   if os.path.exists(name_or_path) or re.match(r'^(gs|https?)://', name_or_path):
     return name_or_path
@@ -241,7 +241,7 @@ def resolve(name_or_path: str, dest: str = 'checkpoints', download: bool = True)
   target = os.path.join(dest, checkpoint.local_path)
   if os.path.exists(target):
     return target
-  if not download:
+  if not fetch_missing:
     raise FileNotFoundError(
         f'{name_or_path} is not at {target}. Fetch it with `python -m vit_jax_ft.hub '
         f'fetch {checkpoint.name} --dest={dest}`. '

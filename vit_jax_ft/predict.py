@@ -66,7 +66,7 @@ def load_released(path: str, model_name: str, image_size: int,
   file becomes the model's representation layer. Without `with_head` the model
   returns the pre-logits features (for the linear probe).
   """
-  params = checkpoint.load(hub.resolve(path, download=False))
+  params = checkpoint.load(hub.resolve(path, fetch_missing=False))
   overrides = {}
   if 'pre_logits' in params:
     overrides['representation_size'] = params['pre_logits']['kernel'].shape[-1]
