@@ -78,6 +78,12 @@ def reference_run(digits_folder, tmp_path_factory) -> pathlib.Path:
 def test_cli_learns_digits_and_counts_every_test_image(digits_folder, reference_run):
   config = json.loads((reference_run / 'config.json').read_text())
   assert config['model_name'] == 'testing' and config['total_steps'] == 60
+  info = json.loads((reference_run / 'dataset_info.json').read_text())
+  train_files = [len(list(d.glob('*.png'))) for d in sorted((digits_folder / 'train').iterdir())]
+  assert info['class_names'] == [str(i) for i in range(10)]
+  assert info['train_class_counts'] == train_files
+  assert 'training examples per class' in read_log(reference_run)
+  assert 'steps/s' in read_log(reference_run) and 'ETA' in read_log(reference_run)
   assert evaluated_examples(reference_run) == len(list((digits_folder / 'test').glob('*/*.png')))
   assert final_test_accuracy(reference_run) > 0.5  # Chance is 0.1.
   assert sorted(p.name for p in (reference_run / 'checkpoints').iterdir()

@@ -4,6 +4,7 @@ Data parallel through `jax.jit` over a 1-D device mesh: parameters replicated, b
 sharded, so the mean loss is over the global batch and gradients are averaged over
 devices and hosts by construction. One step on 8 devices equals one step on 1 device.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -247,15 +248,17 @@ def _check_finite(unchecked: List[Metrics], first_step: int, last_saved: Optiona
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str,
                     info: 'data.DatasetInfo') -> None:
-  """Writes the resolved config and the class names next to the checkpoints."""
+  """Writes the resolved config, the classes and the examples used next to the checkpoints."""
+  logging.info('Dataset %s: %d classes, %d training examples per epoch, %d test examples; '
+               'training examples per class: %s', config.dataset, info.num_classes,
+               info.num_train, info.num_test, info.train_class_counts)
   if jax.process_index():
     return
   gfile.makedirs(workdir)
   with gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   with gfile.GFile(os.path.join(workdir, 'dataset_info.json'), 'w') as f:
-    json.dump({'num_classes': info.num_classes, 'class_names': list(info.class_names)}, f,
-              indent=2)
+    json.dump(dataclasses.asdict(info), f, indent=2)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
