@@ -119,3 +119,29 @@ def test_one_step_on_eight_devices_equals_one_device():
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'SAME' in out.stdout
+
+
+def test_frozen_parameters_stay_and_grad_norm_covers_only_trained_ones():
+  model, _, state, batch = tiny_setup()
+  config = common.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 10, 0, 0.1
+  config.freeze = ('^(?!head/)',)  # Everything but the head.
+  tx = optim.make_optimizer(config)
+  state = state.replace(opt_state=tx.init(state.params))
+  frozen = optim.frozen_mask(config.freeze, state.params)
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, accum_steps=2,
+                                      dropout_rng=jax.random.PRNGKey(1), frozen=frozen))
+  new_state, metrics = step_fn(state, batch)
+  for path, value in jax.tree_util.tree_leaves_with_path(new_state.params):
+    old = state.params
+    for key in path:
+      old = old[key.key]
+    assert np.array_equal(value, old) != (path[0].key == 'head'), path
+
+  def loss(head):
+    params = dict(state.params, head=head)
+    logits = model.apply({'params': params}, batch['image'])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), batch['label']])
+  head_grads = jax.grad(loss)(state.params['head'])
+  want = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(head_grads)))
+  np.testing.assert_allclose(metrics['grad_norm'], want, rtol=1e-4)

@@ -2,6 +2,7 @@
 import re
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import optax
 from flax import traverse_util
@@ -63,6 +64,12 @@ def frozen_labels(patterns: Sequence[str]) -> Callable[[Any], Any]:
         {k: 'frozen' if any(p.search(k) for p in compiled) else 'trained' for k in names},
         sep='/')
   return label
+
+
+def frozen_mask(patterns: Sequence[str], params: Any) -> Any:
+  """True for each parameter `patterns` freeze (the tree of `params`)."""
+  labels = frozen_labels(tuple(patterns))(params)
+  return jax.tree.map(lambda label: label == 'frozen', labels)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

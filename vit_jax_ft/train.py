@@ -118,8 +118,13 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, accum_steps: int,
-               dropout_rng: jax.Array) -> Tuple[TrainState, Metrics]:
-  """One update on a global batch, its gradient accumulated over `accum_steps` micro-batches."""
+               dropout_rng: jax.Array, frozen: Optional[Any] = None
+               ) -> Tuple[TrainState, Metrics]:
+  """One update on a global batch, its gradient accumulated over `accum_steps` micro-batches.
+
+  `frozen` (a tree of bools like the params) stops gradients at frozen parameters, so XLA
+  skips their backward pass and `grad_norm` covers only what is trained.
+  """
   weights = batch.get('weight', jnp.ones(batch['label'].shape, jnp.float32))
   normaliser = jnp.sum(weights)
   rng = jax.random.fold_in(dropout_rng, state.step)
@@ -129,6 +134,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     return x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
 
   def loss_fn(params, images, labels, w, index):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     logits = model.apply({'params': params}, images, train=True,
                          rngs={'dropout': jax.random.fold_in(rng, index)})
     return weighted_cross_entropy(logits, labels, w, normaliser)
@@ -286,9 +293,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   start = int(jax.device_get(state.step))
 
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
                                       accum_steps=config.accum_steps,
-                                      dropout_rng=dropout_rng), donate_argnums=0)
+                                      dropout_rng=dropout_rng, frozen=frozen),
+                    donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
