@@ -1,5 +1,6 @@
 """A split held in memory: one entry per example (encoded image or file path) and its label."""
 import dataclasses
+import functools
 from typing import List
 
 import numpy as np
@@ -17,9 +18,15 @@ class Examples:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def read(self, table: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes of example `index` from `table` (= `tf.constant(self.data)`)."""
-    entry = tf.gather(table, index)
+  @functools.cached_property
+  def table(self) -> tf.Tensor:
+    """`data` as one TF string tensor, built once per split (it can hold gigabytes)."""
+    with tf.init_scope():  # Eager even when first used inside a traced tf.data function.
+      return tf.constant(self.data)
+
+  def read(self, index: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes of example `index`."""
+    entry = tf.gather(self.table, index)
     return tf.io.read_file(entry) if self.is_path else entry
 
   def name(self, index: int) -> str:

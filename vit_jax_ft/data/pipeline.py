@@ -17,9 +17,8 @@ from vit_jax_ft.data.sampling import TrainOrder
 
 def cached_table(examples: Examples, decode: preprocess.Op, skip_corrupt: bool = True) -> Examples:
   """The examples decoded once and kept as serialized uint8 tensors (config.cache)."""
-  table = tf.constant(examples.data)
   ds = tf.data.Dataset.range(len(examples)).map(
-      lambda i: (i, tf.io.serialize_tensor(decode(examples.read(table, i), None))),
+      lambda i: (i, tf.io.serialize_tensor(decode(examples.read(i), None))),
       num_parallel_calls=AUTOTUNE)
   if skip_corrupt:
     ds = ds.ignore_errors(log_warning=True)
@@ -38,11 +37,10 @@ def _loader(examples: Examples, ops: str, cached: bool, seed: int
   """Source {'index', 'position'} to {'image', 'label'}; augmentation seeded by position."""
   decode, augment = preprocess.build(ops)
   read = _decoded(decode, cached)
-  table = tf.constant(examples.data)
   labels = tf.constant(examples.labels, tf.int32)
 
   def load(source):
-    image = augment(read(examples.read(table, source['index'])),
+    image = augment(read(examples.read(source['index'])),
                     tf.stack([tf.constant(seed, tf.int64), source['position']]))
     return {'image': image, 'label': tf.gather(labels, source['index'])}
   return load
