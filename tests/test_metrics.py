@@ -62,6 +62,6 @@ def test_top_k_caps_k_at_the_number_of_classes():
 
 def test_labels_outside_the_head_are_an_error():
   with pytest.raises(ValueError, match='num_classes'):
-    metrics.compute(np.zeros((2, 3)), np.array([0, 3]))
+    metrics.MetricsAccumulator(3).update(np.zeros((2, 3)), np.array([0, 3]))
   with pytest.raises(ValueError, match='head match the dataset'):
-    metrics.compute(np.zeros((2,)), np.array([0, 1]))
+    metrics.MetricsAccumulator(3).update(np.zeros((2,)), np.array([0, 1]))

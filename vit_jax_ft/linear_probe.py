@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vit_jax_ft import parallel
+
 # The paper's few-shot settings: images per class.
 PAPER_SHOTS = (1, 5, 10, 25)
 # big_vision's default L2 regularisation of the few-shot ridge regression.
@@ -87,12 +89,15 @@ def extract_features(model: nn.Module, params: Any,
     raise ValueError('extract_features needs the model without its head: build it '
                      'with num_classes=0.')
   apply_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  mesh = parallel.create_mesh()
+  params = parallel.replicate(mesh, params)
+  with_mask = (dict(b, mask=b.get('mask', np.ones(len(b['label']), np.float32)))
+               for b in batches)
   features, labels = [], []
-  for batch in batches:
-    mask = batch.get('mask', np.ones(len(batch['label'])))
+  for batch in parallel.prefetch_to_mesh(mesh, with_mask, size=2):
     # Every host gets the features of all hosts' parts of the batch.
-    x, y, keep = (multihost_utils.process_allgather(np.asarray(v), tiled=True) for v in
-                  (apply_fn(params, batch['image']), batch['label'], mask))
+    x, y, keep = (multihost_utils.process_allgather(v, tiled=True) for v in
+                  (apply_fn(params, batch['image']), batch['label'], batch['mask']))
     features.append(x[keep.astype(bool)])
     labels.append(y[keep.astype(bool)])
   if not features:

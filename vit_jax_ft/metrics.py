@@ -111,11 +111,3 @@ class MetricsAccumulator:
 
   def result(self) -> ClassificationMetrics:
     return ClassificationMetrics(self.confusion.copy(), dict(self.top_k_counts))
-
-
-def compute(logits: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray] = None,
-            top_k: Sequence[int] = (1, 5)) -> ClassificationMetrics:
-  """Metrics of one array of logits (all of a split, or one batch)."""
-  accumulator = MetricsAccumulator(np.shape(logits)[-1], top_k)
-  accumulator.update(logits, labels, mask)
-  return accumulator.result()
