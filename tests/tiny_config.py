@@ -10,9 +10,8 @@ def get_config(dataset: str = '') -> ml_collections.ConfigDict:
   config.dataset = dataset
   config.pretrained_dir = ''
   config.model_name = 'testing'
-  config.model = ml_collections.ConfigDict(dict(
-      hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=(4, 4),
-      dropout_rate=0.0))
+  config.model.update(dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2,
+                           patch_size=(4, 4), dropout_rate=0.0))
   config.pp.train, config.pp.test, config.pp.crop = 'train', 'test', 16
   config.pp.train_ops = 'decode|resize(16)|value_range(-1,1)'
   config.pp.test_ops = 'decode|resize(16)|value_range(-1,1)'
