@@ -2,7 +2,7 @@
 # Set-up and entry points of vit_jax_ft.
 #   ./run.sh            set up, then fine-tune the embedded checkpoint offline and report
 #   ./run.sh test       set up, then run the test suite (pytest arguments may follow)
-#   ./run.sh setup      only create .venv and install requirements.txt
+#   ./run.sh setup      only create .venv and install the package (pip install -e .[test])
 #   ./run.sh models     list the official models with parameter counts
 #   ./run.sh python ... run python inside the environment
 set -euo pipefail
@@ -14,7 +14,7 @@ VENV="${VENV:-.venv}"
 setup() {
   local stamp="$VENV/.requirements.sha256"
   local want
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     return
   fi
@@ -28,7 +28,6 @@ setup() {
 cmd="${1:-default}"
 [[ $# -gt 0 ]] && shift
 setup
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Quieter TensorFlow start-up; tf.data only runs on the CPU here.
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 case "$cmd" in

@@ -25,8 +25,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import common
-from vit_jax_ft import data
+from vit_jax_ft import data, defaults
 from vit_jax_ft.data import tfds_source
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -122,7 +121,7 @@ def main(argv):
           'Fashion-MNIST 28 px PNG; official train preprocessing')
     for name, keys in runs:
       for size in map(int, _SIZES.value):
-        config = common.get_config()
+        config = defaults.get_config()
         config.update(keys)
         config.batch, config.pp.crop = _BATCH.value, size
         rate = images_per_second(config)

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
-from vit_jax_ft import models, optim, parallel, train
+from vit_jax_ft import defaults, models, optim, parallel, train
 
 _MODELS = flags.DEFINE_list('models', ['testing', 'ViT-B_16'], 'Model names.')
 _SIZES = flags.DEFINE_list('sizes', ['224'], 'Image sizes.')
@@ -37,7 +36,7 @@ def bench_one(name: str, size: int) -> str:
   if name == 'testing':
     overrides.update(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=4)
   model = models.get_model(name, 1000, **overrides)
-  config = common.get_config()
+  config = defaults.get_config()
   config.total_steps, config.warmup_steps = 100, 10
   tx = optim.make_optimizer(config)
   mesh = parallel.create_mesh()

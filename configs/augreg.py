@@ -10,8 +10,7 @@ checkpoints/augreg/ when absent (`python -m vit_jax_ft.hub list --filter=augreg`
 """
 import ml_collections
 
-from configs import common
-from vit_jax_ft import hub
+from vit_jax_ft import defaults, hub
 
 
 def get_config(model_or_filename: str = 'B_16') -> ml_collections.ConfigDict:
@@ -19,7 +18,7 @@ def get_config(model_or_filename: str = 'B_16') -> ml_collections.ConfigDict:
   checkpoint = hub.lookup(f'augreg/{model_or_filename}')
   if checkpoint.model_name is None:
     raise ValueError(f'No model is registered for the AugReg file {checkpoint.name!r}.')
-  config = common.get_config()
+  config = defaults.get_config()
   config.pretrained_dir = ''
   config.pretrained_path = checkpoint.name
   config.model_name = checkpoint.model_name

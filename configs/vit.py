@@ -4,11 +4,16 @@ r"""Fine-tunes a released ViT on a dataset with the paper's recipe.
       --config.pretrained_dir=checkpoints/imagenet21k
 
 MODEL is a short name (`ti16`, `s16`, `b16`, `l16`, `h14`, `b8`, `s32`, `b32`, `l32`,
-`r50_b16`, ...) or an official name (`ViT-B_16`); DATASET a preset of configs/common.py.
+`r50_b16`, ...) or an official name (`ViT-B_16`); DATASET a preset of vit_jax_ft/defaults.py.
 """
+import os
+
 import ml_collections
 
-from configs import common
+from vit_jax_ft import defaults
+
+# Paths in this file are relative to the repository holding it, not to the current folder.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHORT_NAMES = {
     'ti16': 'ViT-Ti_16', 's16': 'ViT-S_16', 'b16': 'ViT-B_16', 'l16': 'ViT-L_16',
@@ -21,9 +26,10 @@ SHORT_NAMES = {
 def get_config(model_dataset: str = 'b16,cifar10') -> ml_collections.ConfigDict:
   """Returns the fine-tuning config of `MODEL,DATASET`."""
   model, dataset = model_dataset.split(',')
-  config = common.with_dataset(common.get_config(), dataset)
+  config = defaults.with_dataset(defaults.get_config(), dataset)
   config.model_name = SHORT_NAMES.get(model, model)
-  config.pretrained_dir = 'checkpoints/imagenet21k'
+  # Where `python -m vit_jax_ft.hub fetch` puts them when run from the repository root.
+  config.pretrained_dir = os.path.join(REPO, 'checkpoints', 'imagenet21k')
   if model == 'b16' and dataset == 'cifar10':
     config.base_lr = 0.01  # As in the official configs/vit.py.
   return config

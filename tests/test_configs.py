@@ -1,14 +1,14 @@
 """The documented configs resolve to the paper's settings and to checkpoints by name."""
 import pytest
 
-from configs import augreg, common, vit
-from vit_jax_ft import hub, train
+from configs import augreg, vit
+from vit_jax_ft import defaults, hub, train
 
 
-@pytest.mark.parametrize('dataset', sorted(common.DATASET_PRESETS))
+@pytest.mark.parametrize('dataset', sorted(defaults.DATASET_PRESETS))
 def test_vit_config_applies_the_dataset_preset(dataset):
   config = vit.get_config(f'b16,{dataset}')
-  preset = common.DATASET_PRESETS[dataset]
+  preset = defaults.DATASET_PRESETS[dataset]
   assert config.model_name == 'ViT-B_16' and config.dataset == dataset
   assert config.total_steps == preset['total_steps']
   assert (config.pp.train, config.pp.crop) == (preset['pp']['train'], preset['pp']['crop'])
@@ -16,7 +16,7 @@ def test_vit_config_applies_the_dataset_preset(dataset):
 
 
 def test_paper_recipe_defaults():
-  config = common.get_config()
+  config = defaults.get_config()
   assert (config.batch, config.batch_eval, config.base_lr, config.grad_norm_clip) == (
       512, 512, 0.03, 1.0)
   assert (config.optimizer, config.momentum, config.optim_dtype) == ('sgd', 0.9, 'bfloat16')

@@ -9,8 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import SHARED_DATA
-from configs import common
-from vit_jax_ft import data
+from vit_jax_ft import data, defaults
 from vit_jax_ft.data import tfds_source
 
 CLASSES = ('airplane', 'cat', 'ship')
@@ -62,7 +61,7 @@ def image_folder(tmp_path_factory):
 
 
 def _config(dataset, **overrides):
-  config = common.get_config()
+  config = defaults.get_config()
   config.dataset = str(dataset)
   config.batch, config.batch_eval, config.pp.crop, config.prefetch = 8, 8, 32, 1
   config.update(overrides)
@@ -303,7 +302,7 @@ def _idx_images(path: pathlib.Path) -> np.ndarray:
 
 
 def test_fashion_mnist_is_grey_made_rgb_with_real_splits(fashion_mnist_tfds_dir):
-  config = common.with_dataset(common.get_config(), 'fashion_mnist')
+  config = defaults.with_dataset(defaults.get_config(), 'fashion_mnist')
   config.update(dict(tfds_data_dir=fashion_mnist_tfds_dir, batch=4, batch_eval=500, prefetch=1))
   config.pp.crop = 28
   info = data.get_dataset_info(config)

@@ -6,8 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import SHARED_DATA
-from configs import common
-from vit_jax_ft import data
+from vit_jax_ft import data, defaults
 from vit_jax_ft.data import tfds_source
 
 NUM_TRAIN, NUM_TEST = 96, 11
@@ -61,7 +60,7 @@ def tfds_dir(tmp_path_factory) -> str:
 
 
 def _config(tfds_dir, name='clean', **overrides):
-  config = common.get_config()
+  config = defaults.get_config()
   config.dataset = f'vit_jax_ft_tiny_photos/{name}'
   config.tfds_data_dir = tfds_dir
   config.batch, config.batch_eval, config.pp.crop, config.prefetch = 8, 4, 32, 1
@@ -200,7 +199,7 @@ def test_mock_data_cannot_stream():
 
 
 def test_real_fashion_mnist_streams(fashion_mnist_tfds_dir):
-  config = common.with_dataset(common.get_config(), 'fashion_mnist')
+  config = defaults.with_dataset(defaults.get_config(), 'fashion_mnist')
   config.update(dict(tfds_data_dir=fashion_mnist_tfds_dir, batch=4, batch_eval=6, prefetch=1,
                      shuffle_buffer=100))
   config.pp.crop = 28

@@ -16,7 +16,7 @@ from configs import embedded as embedded_config
 from vit_jax_ft import checkpoint, embedded
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CHECKPOINT = str(REPO / embedded.CHECKPOINT_PATH)
+CHECKPOINT = embedded.CHECKPOINT_PATH
 CROP = embedded_config.CROP
 # Real digits for the linear probe: fit on the first of a seeded split, score on the second.
 PROBE_TRAIN, PROBE_TEST = 300, 300

@@ -99,7 +99,7 @@ def test_table_of_many_classes_lists_the_least_accurate():
 
 
 def test_dataset_flags_and_their_errors():
-  config = evaluate.common.get_config()
+  config = evaluate.defaults.get_config()
   imagenet = evaluate.with_dataset(config, 'imagenet2012', batch_eval=16)
   assert (imagenet.pp.test, imagenet.pp.train, imagenet.batch_eval) == (
       'validation', 'train[:99%]', 16)

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from vit_jax_ft import optim
+from vit_jax_ft import defaults, optim
 
 
 def official_lr(step, total, warmup, base, decay_type):
@@ -23,7 +22,7 @@ def official_lr(step, total, warmup, base, decay_type):
 @pytest.mark.parametrize('decay_type', ['cosine', 'linear'])
 @pytest.mark.parametrize('warmup', [0, 50])
 def test_schedule_matches_official_formula(decay_type, warmup):
-  config = common.get_config()
+  config = defaults.get_config()
   config.total_steps, config.warmup_steps, config.base_lr = 500, warmup, 0.03
   config.decay_type = decay_type
   schedule = optim.learning_rate_schedule(config)
@@ -33,7 +32,7 @@ def test_schedule_matches_official_formula(decay_type, warmup):
 
 
 def test_bad_schedule_keys_are_errors():
-  config = common.get_config()
+  config = defaults.get_config()
   config.decay_type = 'cosin'
   with pytest.raises(ValueError, match="decay_type='cosin'"):
     optim.learning_rate_schedule(config)
@@ -49,7 +48,7 @@ def _params():
 
 
 def test_first_updates_are_clipped_sgd_with_momentum():
-  config = common.get_config()
+  config = defaults.get_config()
   config.total_steps, config.warmup_steps, config.base_lr = 100, 0, 0.1
   config.optim_dtype = 'float32'
   tx = optim.make_optimizer(config)
@@ -69,14 +68,14 @@ def test_first_updates_are_clipped_sgd_with_momentum():
 
 
 def test_momentum_is_kept_in_bfloat16_by_default():
-  config = common.get_config()
+  config = defaults.get_config()
   state = optim.make_optimizer(config).init(_params())
   dtypes = {x.dtype for x in jax.tree.leaves(state) if x.ndim}
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_frozen_parameters_get_no_update():
-  config = common.get_config()
+  config = defaults.get_config()
   config.freeze = ('^a/',)
   tx = optim.make_optimizer(config)
   params = _params()

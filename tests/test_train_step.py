@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
-from vit_jax_ft import models, optim, train
+from vit_jax_ft import defaults, models, optim, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def tiny_setup(batch=16, num_classes=5, seed=0):
   model = models.get_model('testing', num_classes, hidden_size=16, mlp_dim=32, num_heads=2,
                            num_layers=2, patch_size=(8, 8), dropout_rate=0.0)
-  config = common.get_config()
+  config = defaults.get_config()
   config.total_steps, config.warmup_steps, config.base_lr = 10, 2, 0.1
   tx = optim.make_optimizer(config)
   rng = np.random.default_rng(seed)
@@ -123,7 +122,7 @@ def test_one_step_on_eight_devices_equals_one_device():
 
 def test_frozen_parameters_stay_and_grad_norm_covers_only_trained_ones():
   model, _, state, batch = tiny_setup()
-  config = common.get_config()
+  config = defaults.get_config()
   config.total_steps, config.warmup_steps, config.base_lr = 10, 0, 0.1
   config.freeze = ('^(?!head/)',)  # Everything but the head.
   tx = optim.make_optimizer(config)

@@ -1,12 +1,12 @@
 """A seconds-long fine-tuning config for end-to-end tests: `tests/tiny_config.py:DATASET`."""
 import ml_collections
 
-from configs import common
+from vit_jax_ft import defaults
 
 
 def get_config(dataset: str = '') -> ml_collections.ConfigDict:
   """Tiny ViT from scratch on 16 px images of `dataset` (a folder or a tfds name)."""
-  config = common.get_config()
+  config = defaults.get_config()
   config.dataset = dataset
   config.pretrained_dir = ''
   config.model_name = 'testing'

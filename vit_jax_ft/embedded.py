@@ -2,7 +2,7 @@ r"""The small pretrained ViT that `./run.sh` fine-tunes offline, and its real im
 
   python -m vit_jax_ft.embedded make_checkpoint \
       --fashion_mnist_dir=../shared/data/fashion_mnist \
-      --out=checkpoints/embedded/ViT-fmnist.npz
+      --out=vit_jax_ft/assets/ViT-fmnist.npz
   python -m vit_jax_ft.embedded export_digits --out=workdirs/digits
 
 `make_checkpoint` pretrains `EMBEDDED_MODEL` on the real Fashion-MNIST training
@@ -29,8 +29,7 @@ from PIL import Image
 import sklearn.datasets
 import sklearn.model_selection
 
-from configs import common
-from vit_jax_ft import checkpoint, optim, train
+from vit_jax_ft import checkpoint, defaults, optim, train
 from vit_jax_ft.models import get_model
 
 # The embedded model: the registry's 'testing' ViT with these options (about 140k parameters).
@@ -39,7 +38,9 @@ EMBEDDED_MODEL = dict(hidden_size=64, num_layers=4, mlp_dim=128, num_heads=4,
                       patch_size=(4, 4), dropout_rate=0.0)
 # Fashion-MNIST's own 28 px: a multiple of the 4 px patches, a 7x7 grid.
 PRETRAIN_SIZE = 28
-CHECKPOINT_PATH = 'checkpoints/embedded/ViT-fmnist.npz'
+# Shipped inside the package (assets/README.md says how it was made), so it installs with pip.
+CHECKPOINT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
+                               'ViT-fmnist.npz')
 # The idx files of Fashion-MNIST, by split.
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
@@ -118,8 +119,8 @@ def load_fashion_mnist(directory: str, split: str) -> Tuple[np.ndarray, np.ndarr
 
 def pretrain_config(*, steps: int, batch: int, base_lr: float, warmup_steps: int,
                     seed: int) -> ml_collections.ConfigDict:
-  """The project's fine-tuning recipe (`configs/common.py`) with pretraining's sizes."""
-  config = common.get_config()
+  """The project's fine-tuning recipe (`vit_jax_ft/defaults.py`) with pretraining's sizes."""
+  config = defaults.get_config()
   config.total_steps, config.batch, config.base_lr = steps, batch, base_lr
   config.warmup_steps, config.seed = warmup_steps, seed
   return config

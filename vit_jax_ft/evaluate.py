@@ -30,8 +30,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 from tensorflow.io import gfile
 
-from configs import common
-from vit_jax_ft import data, linear_probe, parallel, predict
+from vit_jax_ft import data, defaults, linear_probe, parallel, predict
 from vit_jax_ft.explain import figures
 from vit_jax_ft.metrics import ClassificationMetrics, MetricsAccumulator, f1_scores
 
@@ -160,7 +159,7 @@ def with_dataset(config: ml_collections.ConfigDict, dataset: Optional[str] = Non
   (a preset's test split for a newly named dataset)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if dataset:
-    preset = common.DATASET_PRESETS.get(dataset, {}).get('pp', {})
+    preset = defaults.DATASET_PRESETS.get(dataset, {}).get('pp', {})
     config.dataset = dataset
     config.pp.test = preset.get('test', 'test')
     config.pp.train = preset.get('train', 'train')

@@ -23,8 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from configs import common
-from vit_jax_ft import checkpoint, hub, models, train
+from vit_jax_ft import checkpoint, defaults, hub, models, train
 from vit_jax_ft.data import preprocess
 
 FLAGS = flags.FLAGS
@@ -98,7 +97,7 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
   if not model_name:
     raise ValueError('--checkpoint needs --model_name (`python -m vit_jax_ft.models` '
                      'lists them).')
-  config = common.get_config()
+  config = defaults.get_config()
   config.model_name = model_name
   config.pp.crop = image_size
   model, params = load_released(checkpoint_path, model_name, image_size, with_head)

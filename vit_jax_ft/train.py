@@ -26,9 +26,7 @@ from jax.experimental import multihost_utils
 from flax import struct
 from tensorflow.io import gfile
 
-from configs import common
-
-from vit_jax_ft import checkpoint, data, hub, models, optim, parallel
+from vit_jax_ft import checkpoint, data, defaults, hub, models, optim, parallel
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -303,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                          for k, v in common.flatten(config)})
+                          for k, v in defaults.flatten(config)})
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.progress_every or None)
 

@@ -5,16 +5,13 @@ r"""Prints a dataset's classes and per-class counts; prepares a tfds dataset fro
   python -m vit_jax_ft.data --config=configs/vit.py:b16,cifar10 --config.balance=resample
   python -m vit_jax_ft.data --config.dataset=/data/fungi --config.train_fraction=0.25
 """
-import pathlib
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax_ft import data
+from vit_jax_ft import data, defaults
 from vit_jax_ft.data import folder, tfds_source
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'common.py'
-_CONFIG = config_flags.DEFINE_config_file('config', str(_DEFAULT_CONFIG),
+_CONFIG = config_flags.DEFINE_config_file('config', defaults.__file__,
                                           'Config file (`file.py:args`); override keys with '
                                           '--config.KEY=VALUE.')
 _PREPARE = flags.DEFINE_bool('prepare', False, 'Prepare the tfds dataset first (from '

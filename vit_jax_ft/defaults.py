@@ -1,6 +1,8 @@
 """Recipe defaults of the official fine-tuning code, plus this project's keys.
 
-Keys that exist in `vit_jax/configs/common.py` keep their names and meanings.
+Keys that exist in `vit_jax/configs/common.py` keep their names and meanings. The
+experiment files in `configs/` start from `get_config()` here; the package never imports
+them. As a config file itself (`--config=.../vit_jax_ft/defaults.py`) it gives the defaults.
 """
 from typing import Any, Iterator, Optional, Tuple, Union
 
@@ -14,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Pretrained start --------------------------------------------------------
   # Folder (local, gs:// or https://) holding `{model_name}.npz`; '' trains from scratch.
-  config.pretrained_dir = '.'
+  # Experiment files in `configs/` set it relative to the repository, not the shell's folder.
+  config.pretrained_dir = ''
   # Explicit checkpoint path; when set it wins over `pretrained_dir`.
   config.pretrained_path = ''
 
