@@ -119,7 +119,7 @@ def test_ridge_probe_is_the_regularised_least_squares_solution():
   probe = linear_probe.fit_ridge(features, labels, 3, l2_reg=2.5)
   # Independent: least squares of the stacked system [X; sqrt(l2) I] w = [Y; 0].
   x = (features - features.mean(0)) / (features.std(0) + 1e-5)
-  x = np.hstack([x, np.ones((30, 1))])
+  x = np.hstack([x, np.full((30, 1), 100.0)])  # big_vision's bias feature (fewshot_lsr.py).
   targets = np.where(np.eye(3)[labels] > 0, 1.0, -1.0)
   stacked_x = np.vstack([x, np.sqrt(2.5) * np.eye(6)])
   stacked_y = np.vstack([targets, np.zeros((6, 3))])

@@ -88,3 +88,49 @@ def test_frozen_parameters_get_no_update():
   config.freeze = ('^c/',)
   with pytest.raises(ValueError, match="pattern '\\^c/' matches no parameter"):
     optim.make_optimizer(config).init(params)
+
+
+def _named_params():
+  rng = np.random.default_rng(1)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  return {'Dense_0': {'kernel': normal(3, 4), 'bias': normal(4)},
+          'LayerNorm_0': {'scale': normal(4), 'bias': normal(4)},
+          'posembed_input': {'pos_embedding': normal(1, 5, 4)}}
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adamw'])
+def test_weight_decay_is_decoupled_and_skips_biases_norms_and_position_embeddings(optimizer):
+  config = defaults.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 100, 0, 0.1
+  config.optimizer, config.optim_dtype, config.grad_norm_clip = optimizer, 'float32', 0.0
+  config.weight_decay = 0.05
+  tx = optim.make_optimizer(config)
+  params = _named_params()
+  grads = jax.tree.map(lambda p: 0.3 * jnp.ones_like(p) + 0.1 * p, params)
+  state = tx.init(params)
+  # Independent: the optimiser's update from the gradients alone, plus lr * wd * kernel.
+  momentum = jax.tree.map(np.zeros_like, params)
+  mu, nu = jax.tree.map(np.zeros_like, params), jax.tree.map(np.zeros_like, params)
+  for step in range(3):
+    updates, state = tx.update(grads, state, params)
+    lr = official_lr(step, 100, 0, 0.1, 'cosine')
+    for path in [('Dense_0', 'kernel'), ('Dense_0', 'bias'), ('LayerNorm_0', 'scale'),
+                 ('LayerNorm_0', 'bias'), ('posembed_input', 'pos_embedding')]:
+      g, p = np.asarray(grads[path[0]][path[1]]), np.asarray(params[path[0]][path[1]])
+      if optimizer == 'sgd':
+        m = momentum[path[0]][path[1]] = 0.9 * momentum[path[0]][path[1]] + g
+        direction = m
+      else:
+        m = mu[path[0]][path[1]] = 0.9 * mu[path[0]][path[1]] + 0.1 * g
+        v = nu[path[0]][path[1]] = 0.999 * nu[path[0]][path[1]] + 0.001 * g * g
+        direction = (m / (1 - 0.9**(step + 1))) / (np.sqrt(v / (1 - 0.999**(step + 1))) + 1e-8)
+      decay = 0.05 * p if path[1] == 'kernel' else 0.0
+      np.testing.assert_allclose(updates[path[0]][path[1]], -lr * (direction + decay),
+                                 rtol=2e-5, atol=1e-7, err_msg=f'{optimizer} {path} {step}')
+
+
+def test_weight_decay_pattern_that_matches_nothing_is_an_error():
+  config = defaults.get_config()
+  config.weight_decay, config.weight_decay_params = 0.1, 'kernal$'
+  with pytest.raises(ValueError, match="weight_decay_params='kernal\\$' matches no parameter"):
+    optim.make_optimizer(config).init(_named_params())

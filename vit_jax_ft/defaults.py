@@ -48,8 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'sgd'
   # Momentum of SGD.
   config.momentum = 0.9
-  # Decoupled weight decay (the paper uses none).
+  # Decoupled weight decay for every optimiser: each step subtracts
+  # learning_rate * weight_decay * param (the paper uses none).
   config.weight_decay = 0.0
+  # Regex on '/'-joined parameter names that weight decay applies to; the default decays
+  # kernels only (not biases, norms, the class token or position embeddings), as big_vision.
+  config.weight_decay_params = r'(^|/)kernel$'
 
   # Global batch size for training.
   config.batch = 512

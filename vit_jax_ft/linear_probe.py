@@ -2,7 +2,8 @@
 
 As in the ViT paper (section 4.1, "few-shot accuracies") and big_vision's
 few-shot evaluator: features are standardised with the training set's mean and
-std, a bias column is appended, and a closed-form ridge regression maps them to
+std, a constant column of `BIAS_CONSTANT` = 100 is appended (large, so the bias is almost
+unregularised, as big_vision's `fewshot_lsr.py`), and a closed-form ridge regression maps them to
 {-1, 1}^K targets. The predicted class is the largest regression output.
 """
 import dataclasses
@@ -19,6 +20,8 @@ from vit_jax_ft import parallel
 PAPER_SHOTS = (1, 5, 10, 25)
 # big_vision's default L2 regularisation of the few-shot ridge regression.
 DEFAULT_L2_REG = 2.0**10
+# big_vision's bias feature: a constant this large is barely touched by the L2 penalty.
+BIAS_CONSTANT = 100.0
 
 
 @dataclasses.dataclass
@@ -35,7 +38,8 @@ class RidgeClassifier:
 
 
 def _with_bias(x: np.ndarray) -> np.ndarray:
-  return np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
+  """Appends the constant bias feature."""
+  return np.concatenate([x, np.full((len(x), 1), BIAS_CONSTANT, x.dtype)], axis=1)
 
 
 def fit_ridge(features: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -1,4 +1,5 @@
-"""The paper's optimisation recipe as an optax chain: schedule, clipping, SGD momentum, freezing."""
+"""The paper's optimisation recipe as an optax chain: schedule, clipping, SGD momentum, decoupled
+weight decay, freezing."""
 import re
 from typing import Any, Callable, Sequence
 
@@ -29,22 +30,48 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
 
 
-def _base_optimizer(config: ml_collections.ConfigDict,
-                    lr: optax.Schedule) -> optax.GradientTransformation:
-  """The optimiser named by `config.optimizer`."""
+def _scale_by_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The gradient statistics of `config.optimizer`, before weight decay and learning rate."""
   optimizers = {
-      'sgd': lambda: optax.sgd(lr, momentum=config.momentum,
-                               accumulator_dtype=config.optim_dtype),
-      'adam': lambda: optax.adam(lr, mu_dtype=config.optim_dtype),
-      'adamw': lambda: optax.adamw(lr, mu_dtype=config.optim_dtype,
-                                   weight_decay=config.weight_decay),
+      'sgd': lambda: (optax.trace(decay=config.momentum, accumulator_dtype=config.optim_dtype)
+                      if config.momentum else optax.identity()),
+      'adam': lambda: optax.scale_by_adam(mu_dtype=config.optim_dtype),
+      'adamw': lambda: optax.scale_by_adam(mu_dtype=config.optim_dtype),
   }
   if config.optimizer not in optimizers:
     raise ValueError(f'optimizer={config.optimizer!r}; allowed: {sorted(optimizers)}.')
-  if config.weight_decay and config.optimizer != 'adamw':
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optimizers[config.optimizer]())
   return optimizers[config.optimizer]()
+
+
+def decayed_mask(pattern: str) -> Callable[[Any], Any]:
+  """True for each parameter whose '/'-joined name matches `pattern` (default: kernels only)."""
+  compiled = re.compile(pattern)
+
+  def mask(params):
+    flat = traverse_util.flatten_dict(params, sep='/')
+    if not any(compiled.search(name) for name in flat):
+      raise ValueError(f'config.weight_decay_params={pattern!r} matches no parameter; names '
+                       f'look like {list(flat)[:3]}.')
+    return traverse_util.unflatten_dict({k: bool(compiled.search(k)) for k in flat}, sep='/')
+  return mask
+
+
+def _base_optimizer(config: ml_collections.ConfigDict,
+                    lr: optax.Schedule) -> optax.GradientTransformation:
+  """The optimiser's statistics, decoupled weight decay, then the learning rate.
+
+  With `weight_decay` > 0 every optimiser subtracts `lr * weight_decay * param` beside its
+  own update (Loshchilov and Hutter's decoupled decay; `sgd` becomes SGDW, `adam` AdamW),
+  only for the parameters `weight_decay_params` matches: kernels by default, so biases, norms,
+  the class token and position embeddings are not decayed. Without decay the chain is
+  `optax.sgd`'s (or `optax.adam`'s) exactly, the official recipe.
+  """
+  parts = [_scale_by_optimizer(config)]
+  if config.weight_decay:
+    parts.append(optax.add_decayed_weights(config.weight_decay,
+                                           decayed_mask(config.weight_decay_params)))
+  parts.append(optax.scale_by_learning_rate(lr))
+  return optax.chain(*parts)
 
 
 def frozen_labels(patterns: Sequence[str]) -> Callable[[Any], Any]:

@@ -1,0 +1,283 @@
+"""Released `.npz` checkpoints: read, write, and adapt to a new task.
+
+`load` accepts the three layouts in circulation and returns the model's tree:
+- pre-Linen ViT names (`MultiHeadDotProductAttention_1`, `LayerNorm_2`,
+  `MlpBlock_3`), as in the released ViT and AugReg files;
+- Linen names (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`),
+  as written by the official code today;
+- the BiT release names (`resnet/block1/unit01/a/group_norm/gamma`, ...),
+  and bit_jax's Flax trees (`conv_head`, GroupNorm params of shape (1,1,1,C)).
+Files saved with their optimizer keep their parameters (`opt/target/...`).
+`save` writes the released layout (pre-Linen names, BiT release names), which
+the official code and timm's npz loader read.
+"""
+import io
+import os
+import re
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import numpy as np
+import scipy.ndimage
+from absl import logging
+from flax import traverse_util
+
+Params = Dict[str, Any]
+
+# Linen name -> pre-Linen name inside each `encoderblock_N`.
+_LINEN_TO_PRE_LINEN = {
+    'LayerNorm_0': 'LayerNorm_0',
+    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+    'LayerNorm_1': 'LayerNorm_2',
+    'MlpBlock_0': 'MlpBlock_3',
+}
+_NUMBERED = re.compile(r'^(.*)_(\d+)$')
+_BIT_UNIT = re.compile(r'^resnet/(block\d+)/(unit\d+)/([abc])/(proj/)?'
+                       r'(standardized_conv2d|group_norm)/(kernel|gamma|beta)$')
+_BIT_FIXED = {
+    'resnet/root_block/standardized_conv2d/kernel': 'root_block/conv_root/kernel',
+    'resnet/group_norm/gamma': 'norm-pre-head/scale',
+    'resnet/group_norm/beta': 'norm-pre-head/bias',
+    'resnet/head/conv2d/kernel': 'head/kernel',
+    'resnet/head/conv2d/bias': 'head/bias',
+}
+_GN_NAME = re.compile(r'^(gn(\d+|_root|_proj)|norm-pre-head)$')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or does not fit the model."""
+
+
+def _source(path: str) -> Union[str, io.BytesIO]:
+  """What `np.load` reads: a local path itself, or the bytes of a `gs://` or URL object."""
+  if path.startswith(('http://', 'https://')):
+    try:
+      with urllib.request.urlopen(path, timeout=30) as response:
+        return io.BytesIO(response.read())
+    except OSError as e:
+      raise FileNotFoundError(
+          f'Could not download {path}: {e}. Fetch a public checkpoint with '
+          '`python -m vit_jax_ft.hub fetch NAME`, or place the file by hand.') from e
+  if path.startswith('gs://'):
+    from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
+    if not gfile.exists(path):
+      raise FileNotFoundError(f'No checkpoint at {path}.')
+    with gfile.GFile(path, 'rb') as f:
+      return io.BytesIO(f.read())
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'No checkpoint at {path!r}. List public checkpoints with '
+        '`python -m vit_jax_ft.hub list` and download one with '
+        '`python -m vit_jax_ft.hub fetch NAME`.')
+  if os.path.isdir(path):
+    raise CheckpointError(f'{path} is a folder; give the path of an .npz checkpoint file.')
+  return path
+
+
+def read_npz(path: str) -> Dict[str, np.ndarray]:
+  """The flat `{'a/b/c': array}` contents of an `.npz` file."""
+  try:
+    npz = np.load(_source(path), allow_pickle=False)
+    if isinstance(npz, np.lib.npyio.NpzFile):
+      with npz:
+        return {key: npz[key] for key in npz.files}
+  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+    if isinstance(e, (CheckpointError, FileNotFoundError)):
+      raise
+    raise CheckpointError(
+        f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}); '
+        'it may be truncated or not a checkpoint. Download it again.') from e
+  raise CheckpointError(f'{path} holds a single array, not an .npz of named parameters.')
+
+
+def _strip_optimizer(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Keeps the parameters of files saved with their optimizer (`opt/target/...`)."""
+  prefix = 'opt/target/'
+  if not any(key.startswith(prefix) for key in flat):
+    return flat
+  return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def _from_bit_release(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Renames BiT release keys (`resnet/...`) to the model's tree."""
+  out = {}
+  for key, value in flat.items():
+    if key in _BIT_FIXED:
+      new_key = _BIT_FIXED[key]
+      if key == 'resnet/head/conv2d/kernel':
+        value = value.reshape(value.shape[-2:])
+    elif m := _BIT_UNIT.match(key):
+      block, unit, group, proj, layer, leaf = m.groups()
+      index = 'abc'.index(group) + 1
+      if proj:
+        new_key = f'{block}/{unit}/conv_proj/kernel'
+      elif layer == 'standardized_conv2d':
+        new_key = f'{block}/{unit}/conv{index}/kernel'
+      else:
+        new_key = f'{block}/{unit}/gn{index}/' + ('scale' if leaf == 'gamma' else 'bias')
+    else:
+      raise CheckpointError(f'Unexpected key {key!r} in a BiT checkpoint.')
+    out[new_key] = value
+  return out
+
+
+def _to_bit_release(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Renames the model's BiT keys to the release names."""
+  inverse = {v: k for k, v in _BIT_FIXED.items()}
+  out = {}
+  for key, value in flat.items():
+    if key in inverse:
+      new_key = inverse[key]
+      if key == 'head/kernel':
+        value = value.reshape((1, 1) + value.shape)
+    else:
+      block, unit, layer, leaf = key.split('/')
+      if layer == 'conv_proj':
+        new_key = f'resnet/{block}/{unit}/a/proj/standardized_conv2d/kernel'
+      else:
+        group = 'abc'[int(layer[-1]) - 1]
+        if layer.startswith('conv'):
+          new_key = f'resnet/{block}/{unit}/{group}/standardized_conv2d/kernel'
+        else:
+          new_key = (f'resnet/{block}/{unit}/{group}/group_norm/' +
+                     ('gamma' if leaf == 'scale' else 'beta'))
+    out[new_key] = value
+  return out
+
+
+def _renumber_pre_linen(tree: Mapping[str, Any]) -> Params:
+  """Renumbers `Name_i` keys per name, as Linen numbers them (recursively)."""
+  groups: Dict[str, list] = {}
+  out = {}
+  for key, value in tree.items():
+    value = _renumber_pre_linen(value) if isinstance(value, Mapping) else value
+    m = _NUMBERED.match(key)
+    if m:
+      groups.setdefault(m.group(1), []).append((int(m.group(2)), value))
+    else:
+      out[key] = value
+  for prefix, items in groups.items():
+    for new_index, (_, value) in enumerate(sorted(items, key=lambda t: t[0])):
+      out[f'{prefix}_{new_index}'] = value
+  return out
+
+
+def _squeeze_group_norm(flat: Dict[Tuple[str, ...], Any]) -> Dict[Tuple[str, ...], Any]:
+  """Old GroupNorm params of shape (1, 1, 1, C) become (C,)."""
+  return {path: (np.reshape(v, (-1,)) if len(path) > 1 and _GN_NAME.match(path[-2])
+                 and path[-1] in ('scale', 'bias') else v)
+          for path, v in flat.items()}
+
+
+def load(path: str) -> Params:
+  """Reads a released or saved `.npz` (local, `gs://` or `https://`) into the model tree."""
+  flat = _strip_optimizer(read_npz(path))
+  if any(key.startswith('resnet/') for key in flat):
+    flat = _from_bit_release(flat)
+  # Trees saved by big_transfer's bit_jax call the head `conv_head`.
+  flat = {re.sub(r'^conv_head/', 'head/', k): v for k, v in flat.items()}
+  tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+  tree = _renumber_pre_linen(tree)
+  flat_tuples = _squeeze_group_norm(traverse_util.flatten_dict(tree))
+  return traverse_util.unflatten_dict(flat_tuples)
+
+
+def is_bit_tree(params: Mapping[str, Any]) -> bool:
+  """Whether `params` is a BiT ResNet tree (as opposed to a ViT or hybrid)."""
+  return 'root_block' in params
+
+
+def save(params: Mapping[str, Any], path: str) -> None:
+  """Writes `params` in the released `.npz` layout, atomically for local paths."""
+  flat = {'/'.join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(dict(params)).items()}
+  if is_bit_tree(params):
+    flat = _to_bit_release(flat)
+  else:
+    flat = {re.sub(r'(encoderblock_\d+/)(\w+_\d+)',
+                   lambda m: m.group(1) + _LINEN_TO_PRE_LINEN.get(m.group(2), m.group(2)),
+                   k): v for k, v in flat.items()}
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  if path.startswith('gs://'):
+    from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
+    with gfile.GFile(path, 'wb') as f:
+      f.write(buffer.getvalue())
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
+    f.write(buffer.getvalue())
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
+                         has_class_token: bool) -> np.ndarray:
+  """Resizes (1, N, C) position embeddings to `num_tokens` by bilinear zoom of the grid."""
+  num_extra = 1 if has_class_token else 0
+  tok, grid = posemb[:, :num_extra], posemb[0, num_extra:]
+  old, new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(num_tokens - num_extra)))
+  if old * old != len(grid) or new * new != num_tokens - num_extra:
+    raise CheckpointError(
+        f'Position embeddings of {posemb.shape[1]} tokens cannot be resized to '
+        f'{num_tokens}: both grids must be square (image size a multiple of the patch size).')
+  logging.info('Resizing position embeddings: grid %dx%d -> %dx%d', old, old, new, new)
+  grid = grid.reshape(old, old, -1)
+  grid = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
+  return np.concatenate([tok, grid.reshape(1, new * new, -1)], axis=1)
+
+
+def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
+  """Loads `path` for fine-tuning a model whose fresh params are `init_params` (see `adapt`)."""
+  return adapt(load(path), init_params, source=path)
+
+
+def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
+          source: str = 'the checkpoint', keep_head: bool = False) -> Params:
+  """Fits loaded params to a model whose fresh params (or their shapes) are `init_params`.
+
+  The head comes from `init_params` unless `keep_head`; `pre_logits` is dropped when the
+  new model has none; position embeddings are resized to the new grid. Any other
+  difference is an error naming the key and both shapes.
+  """
+  if is_bit_tree(restored_tree) != is_bit_tree(init_params):
+    kinds = {True: 'a BiT ResNet', False: 'a ViT'}
+    raise CheckpointError(
+        f'{source} holds {kinds[is_bit_tree(restored_tree)]} checkpoint but the model is '
+        f'{kinds[is_bit_tree(init_params)]}; choose the model name of the checkpoint.')
+  restored = traverse_util.flatten_dict(dict(restored_tree), sep='/')
+  expected = traverse_util.flatten_dict(dict(init_params), sep='/')
+  result = {}
+  for key, init_value in expected.items():
+    if key.startswith('head/') and not keep_head:
+      result[key] = init_value
+      continue
+    if key not in restored and key.startswith('pre_logits/'):
+      raise CheckpointError(
+          f'{source} has no representation layer (pre_logits) but the model has one; '
+          'build the model with representation_size=None.')
+    if key not in restored:
+      raise CheckpointError(
+          f'{source} has no {key!r} (shape {init_value.shape}) that the model '
+          f'needs; is it a checkpoint for another model? It holds e.g. '
+          f'{sorted(restored)[:5]}.')
+    value = np.asarray(restored[key])
+    if key.endswith('posembed_input/pos_embedding') and value.shape != init_value.shape:
+      value = interpolate_posembed(value, init_value.shape[1], 'cls' in init_params)
+    if value.shape != init_value.shape:
+      raise CheckpointError(
+          f'Shape mismatch for {key!r}: {source} has {value.shape}, the '
+          f'model expects {init_value.shape}. Check the model name and its options.')
+    result[key] = value.astype(init_value.dtype)
+  extra = [k for k in restored if k not in expected and not k.startswith(('head/', 'pre_logits/'))]
+  if extra:
+    raise CheckpointError(
+        f'{source} has parameters the model lacks: {extra[:5]}; is it a checkpoint '
+        'for another model?')
+  if 'pre_logits/kernel' in restored and 'pre_logits/kernel' not in expected:
+    logging.info('Dropping the pre_logits layer of %s', source)
+  return traverse_util.unflatten_dict(result, sep='/')

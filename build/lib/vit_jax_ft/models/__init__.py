@@ -1,0 +1,44 @@
+"""Model registry: `get_model(name, num_classes, **overrides)` -> a Flax linen Module."""
+import difflib
+from typing import Any
+
+import flax.linen as nn
+
+from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
+from vit_jax_ft.models.resnet import BitResNet
+from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, VisionTransformer
+
+MODEL_CLASSES = {'vit': VisionTransformer, 'bit': BitResNet}
+
+
+def unknown_model_error(name: str) -> ValueError:
+  """A ValueError that lists the closest official names."""
+  close = difflib.get_close_matches(name, MODEL_SPECS, n=5, cutoff=0.4)
+  hint = f' Did you mean: {", ".join(close)}?' if close else ''
+  return ValueError(f'Unknown model name {name!r}.{hint} '
+                    f'Run `python -m vit_jax_ft.models` to list all names.')
+
+
+def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
+  """Builds the official model `name` with a `num_classes` head (0: no head)."""
+  if name not in MODEL_SPECS:
+    raise unknown_model_error(name)
+  spec = dict(MODEL_SPECS[name])
+  module_class = MODEL_CLASSES[spec.pop('kind')]
+  fields = set(module_class.__dataclass_fields__) - {'parent', 'name'}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f'Unknown option(s) {sorted(unknown)} for model {name!r}; '
+                     f'allowed: {sorted(fields - {"num_classes", "model_name"})}.')
+  spec.update(overrides)
+  if spec.get('attention', 'dense') not in ATTENTION_KINDS:
+    raise ValueError(f'attention={spec["attention"]!r}; allowed: {ATTENTION_KINDS}.')
+  if spec.get('classifier', 'token') not in CLASSIFIERS:
+    raise ValueError(f'classifier={spec["classifier"]!r}; allowed: {CLASSIFIERS}.')
+  if spec.get('sow_attention') and spec.get('attention') == 'dot_product':
+    raise ValueError('sow_attention needs attention="dense": the fused kernel never '
+                     'materialises the attention weights.')
+  return module_class(num_classes=num_classes, model_name=name, **spec)
+
+
+__all__ = ['AUGREG_NAMES', 'MODEL_SPECS', 'get_model', 'unknown_model_error']

@@ -1,0 +1,67 @@
+"""The official model names and their hyper-parameters (from `vit_jax/configs/models.py`)."""
+from typing import Any, Dict
+
+# Each entry: the module class name and its keyword arguments.
+ModelSpec = Dict[str, Any]
+
+_VIT_SIZES = {
+    # name: (hidden_size, mlp_dim, num_heads, num_layers, dropout_rate)
+    'Ti': (192, 768, 3, 12, 0.0),
+    'S': (384, 1536, 6, 12, 0.0),
+    'B': (768, 3072, 12, 12, 0.0),
+    'L': (1024, 4096, 16, 24, 0.1),
+    'H': (1280, 5120, 16, 32, 0.1),
+}
+
+
+def _vit(size: str, patch: int, **overrides) -> ModelSpec:
+  hidden, mlp, heads, layers, dropout = _VIT_SIZES[size]
+  spec = dict(kind='vit', patch_size=(patch, patch), hidden_size=hidden,
+              mlp_dim=mlp, num_heads=heads, num_layers=layers,
+              dropout_rate=dropout, attention_dropout_rate=0.0,
+              classifier='token', representation_size=None)
+  spec.update(overrides)
+  return spec
+
+
+def _bit(depth: int, width: int) -> ModelSpec:
+  return dict(kind='bit', depth=depth, width_factor=width)
+
+
+MODEL_SPECS: Dict[str, ModelSpec] = {
+    'testing': dict(kind='vit', patch_size=(16, 16), hidden_size=10, mlp_dim=10,
+                    num_heads=2, num_layers=1, dropout_rate=0.1,
+                    attention_dropout_rate=0.0, classifier='token',
+                    representation_size=None),
+    'ViT-Ti_16': _vit('Ti', 16),
+    'ViT-S_16': _vit('S', 16),
+    'ViT-B_16': _vit('B', 16),
+    'ViT-L_16': _vit('L', 16),
+    'ViT-H_14': _vit('H', 14),
+    'ViT-B_8': _vit('B', 8),
+    'ViT-S_32': _vit('S', 32),
+    'ViT-B_32': _vit('B', 32),
+    'ViT-L_32': _vit('L', 32, dropout_rate=0.0),
+    'ViT-S_16-gap-norep': _vit('S', 16, classifier='gap'),
+    'ViT-B_16-gap-norep': _vit('B', 16, classifier='gap'),
+    'ViT-S_32-gap-norep': _vit('S', 32, classifier='gap'),
+    'ViT-B_32-gap-norep': _vit('B', 32, classifier='gap'),
+    'R+ViT-Ti_16': _vit('Ti', 8, resnet_layers=(), resnet_width=1),
+    'R26+ViT-S_32': _vit('S', 1, resnet_layers=(2, 2, 2, 2), resnet_width=1),
+    'R26+ViT-B_32': _vit('B', 1, resnet_layers=(2, 2, 2, 2), resnet_width=1),
+    'R50+ViT-B_16': _vit('B', 1, resnet_layers=(3, 4, 9), resnet_width=1,
+                         dropout_rate=0.1),
+    'R50+ViT-L_32': _vit('L', 1, resnet_layers=(3, 4, 6, 3), resnet_width=1),
+}
+for _prefix in ('BiT-S', 'BiT-M'):
+  for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
+    MODEL_SPECS[f'{_prefix}-R{_depth}x{_width}'] = _bit(_depth, _width)
+
+# AugReg checkpoint prefixes (`B_16`, `R_Ti_16`, `R26_S_32`) -> model names; the official
+# code leaves out these four, which have no AugReg checkpoints.
+_NOT_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14')
+AUGREG_NAMES = {
+    name.replace('ViT-', '').replace('+', '_'): name
+    for name, spec in MODEL_SPECS.items()
+    if spec['kind'] == 'vit' and name not in _NOT_AUGREG
+}

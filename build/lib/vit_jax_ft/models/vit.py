@@ -1,0 +1,165 @@
+"""Vision Transformer with the official `vit_jax` parameter tree and numerics.
+
+Tree: `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
+`Transformer/encoderblock_N/{LayerNorm_0, MultiHeadDotProductAttention_0,
+LayerNorm_1, MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`, `head`;
+hybrids add the ResNet stem (`conv_root`, `gn_root`, `blockN/unitM`) in front.
+GELU is tanh-approximate and LayerNorm eps is 1e-6, as in the official code.
+"""
+import functools
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax_ft.models import resnet
+
+Dtype = Any
+
+# Allowed values of the `attention` and `classifier` options.
+ATTENTION_KINDS = ('dense', 'dot_product')
+CLASSIFIERS = ('token', 'gap')
+
+
+def fused_attention(query, key, value, bias=None, mask=None, *,
+                    dropout_rate: float = 0.0, deterministic: bool = True,
+                    dtype: Dtype = None, **unused):
+  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU) for Flax MHA."""
+  del unused
+  if dropout_rate > 0.0 and not deterministic:
+    raise ValueError('attention="dot_product" has no attention dropout; set '
+                     'attention_dropout_rate=0 or use attention="dense".')
+  if dtype is not None:
+    query, key, value = (t.astype(dtype) for t in (query, key, value))
+  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense, tanh-GELU, dropout, Dense, dropout."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform(),
+                              bias_init=nn.initializers.normal(stddev=1e-6))
+    out_dim = x.shape[-1]
+    x = nn.gelu(dense(self.mlp_dim)(x), approximate=True)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: attention then MLP, each with a residual."""
+
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention: str = 'dense'
+  sow_attention: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: bool):
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(inputs)
+    attention_fn = (fused_attention if self.attention == 'dot_product'
+                    else nn.dot_product_attention)
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        broadcast_dropout=False, deterministic=deterministic,
+        dropout_rate=self.attention_dropout_rate,
+        attention_fn=attention_fn)(x, x, sow_weights=self.sow_attention)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = x + inputs
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype)(
+        y, deterministic=deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Position embeddings, `num_layers` blocks and the final LayerNorm."""
+
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention: str = 'dense'
+  remat: bool = False
+  sow_attention: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = AddPositionEmbs(name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    for i in range(self.num_layers):
+      x = block(self.mlp_dim, self.num_heads, self.dropout_rate,
+                self.attention_dropout_rate, self.attention, self.sow_attention,
+                self.dtype, name=f'encoderblock_{i}')(x, not train)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding (BERT init, stddev 0.02)."""
+
+  @nn.compact
+  def __call__(self, x):
+    pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                    (1,) + x.shape[1:], jnp.float32)
+    return x + pe.astype(x.dtype)
+
+
+class VisionTransformer(nn.Module):
+  """ViT and hybrid ViT; with `num_classes=0` it returns the pre-logits features."""
+
+  num_classes: int
+  patch_size: Tuple[int, int]
+  hidden_size: int
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  resnet_layers: Optional[Sequence[int]] = None
+  resnet_width: float = 1
+  attention: str = 'dense'  # 'dense' (official) or 'dot_product' (cuDNN flash on GPU).
+  remat: bool = False  # Rematerialise each block to trade compute for memory.
+  sow_attention: bool = False  # Store attention weights in 'intermediates'.
+  dtype: Dtype = jnp.float32  # Computation dtype; parameters stay float32.
+  model_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    x = images.astype(self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.hybrid_stem(x, self.resnet_layers, self.resnet_width, self.dtype)
+    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size,
+                padding='VALID', dtype=self.dtype, name='embedding')(x)
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, (n, h * w, c))
+    if self.classifier == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+    x = Encoder(self.num_layers, self.mlp_dim, self.num_heads, self.dropout_rate,
+                self.attention_dropout_rate, self.attention, self.remat,
+                self.sow_attention, self.dtype, name='Transformer')(x, train=train)
+    x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                            name='pre_logits')(x))
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                   kernel_init=nn.initializers.zeros)(x)
+    return x.astype(jnp.float32)

@@ -1,0 +1,387 @@
+"""Fine-tuning loop: `create_train_state`, `train_step`, `eval_step`, `train_and_evaluate`.
+
+Data parallel through `jax.jit` over a 1-D device mesh: parameters replicated, batches
+sharded, so the mean loss is over the global batch and gradients are averaged over
+devices and hosts by construction. One step on 8 devices equals one step on 1 device.
+"""
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+from flax import struct
+from tensorflow.io import gfile
+
+from vit_jax_ft import checkpoint, data, defaults, hub, models, optim, parallel
+
+Batch = Dict[str, jax.Array]
+Metrics = Dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+  """What a checkpoint holds: the step, parameters and optimiser state."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The model of `config.model_name` with `config.model` options and `config.dtype`."""
+  options = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in (config.get('model') or {}).items() if v is not None}
+  return models.get_model(config.model_name, num_classes, dtype=jnp.dtype(config.dtype),
+                          **options)
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
+  """Checkpoint to start from: `pretrained_path` (a file, URL or public name), else
+  `pretrained_dir/{model_name}.npz` as in the official code, else None (from scratch)."""
+  if config.pretrained_path:
+    if jax.process_index() == 0:  # The first host fetches; on a shared disk the rest find it.
+      hub.resolve(config.pretrained_path)
+    multihost_utils.sync_global_devices('pretrained checkpoint fetched')
+    return hub.resolve(config.pretrained_path)
+  if not config.pretrained_dir:
+    return None
+  path = os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
+  if '://' not in path and not os.path.exists(path):
+    raise FileNotFoundError(
+        f'No pretrained checkpoint at {path}. Fetch it with `python -m vit_jax_ft.hub fetch '
+        f'imagenet21k/{config.model_name} --dest=checkpoints` and set '
+        '--config.pretrained_dir=checkpoints/imagenet21k, or read it from the bucket with '
+        '--config.pretrained_dir=gs://vit_models/imagenet21k, or set '
+        "--config.pretrained_dir='' to train from scratch.")
+  return path
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                       ) -> TrainState:
+  """Initialises the model, loads the pretrained start and the optimiser, replicated."""
+  size = config.pp.crop
+  init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False),
+                 backend='cpu')
+  params = jax.device_get(init(jax.random.PRNGKey(config.seed))['params'])
+  path = pretrained_path(config)
+  if path:
+    logging.info('Loading pretrained weights from %s', path)
+    params = checkpoint.load_pretrained(path, params)
+  else:
+    logging.warning('No pretrained checkpoint: training %s from scratch.', config.model_name)
+  params = parallel.replicate(mesh, params)
+  opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
+  step = parallel.replicate(mesh, jnp.zeros((), jnp.int32))
+  return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                         tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                         ) -> TrainState:
+  """Shapes, dtypes and shardings of the train state, to restore a checkpoint into."""
+  size = config.pp.crop
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)['params'])
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                     opt_state=jax.eval_shape(tx.init, params))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      state)
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                           normaliser: jax.Array) -> jax.Array:
+  """sum(weight * cross-entropy) / normaliser, so micro-batches add up to the batch mean."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.sum(weights * losses) / normaliser
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, accum_steps: int,
+               dropout_rng: jax.Array, frozen: Optional[Any] = None
+               ) -> Tuple[TrainState, Metrics]:
+  """One update on a global batch, its gradient accumulated over `accum_steps` micro-batches.
+
+  `frozen` (a tree of bools like the params) stops gradients at frozen parameters, so XLA
+  skips their backward pass and `grad_norm` covers only what is trained.
+  """
+  weights = batch.get('weight', jnp.ones(batch['label'].shape, jnp.float32))
+  normaliser = jnp.sum(weights)
+  rng = jax.random.fold_in(dropout_rng, state.step)
+
+  def micro(x):
+    # Strided split: micro-batch i takes rows i, i+k, ..., so every device keeps a share.
+    return x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+
+  def loss_fn(params, images, labels, w, index):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': jax.random.fold_in(rng, index)})
+    return weighted_cross_entropy(logits, labels, w, normaliser)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def accumulate(carry, xs):
+    loss, grads = carry
+    l, g = grad_fn(state.params, *xs)
+    return (loss + l, jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  xs = (micro(batch['image']), micro(batch['label']), micro(weights),
+        jnp.arange(accum_steps))
+  (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), xs)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
+                     'param_norm': optax.global_norm(params)}
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
+  """Sums over the real (unmasked) examples of a padded batch: correct top-1/top-5, loss, count."""
+  logits = model.apply({'params': params}, batch['image'], train=False)
+  labels, mask = batch['label'], batch['mask']
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  hits = top_k == labels[:, None]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {'correct_top1': jnp.sum(mask * hits[:, 0]),
+          'correct_top5': jnp.sum(mask * jnp.any(hits, axis=1)),
+          'loss_sum': jnp.sum(mask * losses),
+          'count': jnp.sum(mask)}
+
+
+def evaluate(params: Any, eval_fn, mesh: jax.sharding.Mesh,
+             batches: Iterator[Dict[str, np.ndarray]], prefetch: int) -> Dict[str, float]:
+  """Top-1/top-5 accuracy and loss over every example of the split, each counted once."""
+  totals = None
+  for batch in parallel.prefetch_to_mesh(mesh, batches, prefetch):
+    sums = eval_fn(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('The evaluation split is empty.')
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'accuracy_top1': float(totals['correct_top1']) / count,
+          'accuracy_top5': float(totals['correct_top5']) / count,
+          'loss': float(totals['loss_sum']) / count,
+          'num_examples': count}
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """`workdir/checkpoints`, made absolute for local paths as orbax requires."""
+  path = os.path.join(workdir, 'checkpoints')
+  return path if '://' in path else os.path.abspath(path)
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
+                       ) -> ocp.CheckpointManager:
+  """Orbax manager of `workdir/checkpoints`: asynchronous, atomic, keeps the last N."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
+      create=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+class Preempted(Exception):
+  """Training saved a checkpoint and stopped after SIGTERM; rerun the command to resume."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a request to save and stop at the next step boundary."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager = manager
+    self._requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop at `step`; every host agrees (a local flag would hang collectives)."""
+    if jax.process_count() > 1:
+      return self._manager.reached_preemption(step)
+    return self._requested
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(unchecked: List[Metrics], first_step: int, last_saved: Optional[int]) -> None:
+  """Raises when a loss or the parameters since the last check are NaN or infinite."""
+  if not unchecked:
+    return
+  values = jax.device_get([(m['loss'], m['param_norm']) for m in unchecked])
+  bad = [i for i, (loss, norm) in enumerate(values) if not np.isfinite([loss, norm]).all()]
+  if bad:
+    loss, norm = values[bad[0]]
+    where = (f'the last good checkpoint (step {last_saved}) is kept'
+             if last_saved else 'no checkpoint was written')
+    raise NonFiniteLossError(
+        f'The training loss became {loss} (parameter norm {norm}) at step '
+        f'{first_step + bad[0]}; {where}. Lower config.base_lr, keep grad_norm_clip, or '
+        'check the data.')
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: str,
+                    info: 'data.DatasetInfo') -> None:
+  """Writes the resolved config, the classes and the examples used next to the checkpoints."""
+  logging.info('Dataset %s: %d classes, %d training examples per epoch, %d test examples; '
+               'training examples per class: %s', config.dataset, info.num_classes,
+               info.num_train, info.num_test, info.train_class_counts)
+  if jax.process_index():
+    return
+  gfile.makedirs(workdir)
+  with gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with gfile.GFile(os.path.join(workdir, 'dataset_info.json'), 'w') as f:
+    json.dump(dataclasses.asdict(info), f, indent=2)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Fine-tunes `config.model_name` on `config.dataset`; returns the final test metrics."""
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.batch_eval, 'batch_eval')
+  if config.batch % (jax.device_count() * config.accum_steps):
+    raise ValueError(f'config.batch={config.batch} must be divisible by devices '
+                     f'({jax.device_count()}) x accum_steps ({config.accum_steps}).')
+  info = data.get_dataset_info(config)
+  write_run_files(config, workdir, info)
+  model = build_model(config, info.num_classes)
+  tx = optim.make_optimizer(config)
+  lr_fn = optim.learning_rate_schedule(config)
+
+  manager = checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    # Resuming: build shapes only, then restore; no need to read the pretrained file.
+    state = manager.restore(latest, args=ocp.args.StandardRestore(
+        abstract_train_state(config, model, tx, mesh)))
+    logging.info('Resumed from the checkpoint of step %d in %s', latest, workdir)
+  else:
+    state = create_train_state(config, model, tx, mesh)
+  start = int(jax.device_get(state.step))
+
+  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                      accum_steps=config.accum_steps,
+                                      dropout_rng=dropout_rng, frozen=frozen),
+                    donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                          for k, v in defaults.flatten(config)})
+  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.progress_every or None)
+
+  def run_eval(step):
+    with progress.timed('eval'):
+      metrics = evaluate(state.params, eval_fn, mesh, data.get_eval_data(config),
+                         config.prefetch)
+    writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
+    logging.info('Step %d: test top-1 %.4f, top-5 %.4f on %d examples', step,
+                 metrics['accuracy_top1'], metrics['accuracy_top5'], metrics['num_examples'])
+    return metrics
+
+  try:
+    if start >= config.total_steps:
+      logging.info('The checkpoint of step %d already reaches total_steps=%d: evaluating only.',
+                   start, config.total_steps)
+      return run_eval(start)
+    batches = parallel.prefetch_to_mesh(
+        mesh, data.get_train_data(config, start_step=start), config.prefetch)
+    unchecked, first_unchecked, last_saved = [], start + 1, latest
+    metrics = {}
+    logging.info('Training steps %d..%d; the first step compiles.', start + 1,
+                 config.total_steps)
+    with _Preemption(manager) as preemption:
+      for step in range(start + 1, config.total_steps + 1):
+        state, step_metrics = step_fn(state, next(batches))
+        unchecked.append(step_metrics)
+        if step == start + 1:  # Throughput is measured from the end of the compile.
+          jax.block_until_ready(step_metrics)
+          window_start, window_step = time.time(), step
+        progress(step)
+        last = step == config.total_steps
+        stop = preemption.should_stop(step)
+        report = (config.progress_every and step % config.progress_every == 0) or last
+        save = (config.checkpoint_every and step % config.checkpoint_every == 0) or last or stop
+        if report or save:
+          _check_finite(unchecked, first_unchecked, last_saved)
+          unchecked, first_unchecked = [], step + 1
+        if report and step > window_step:
+          images_per_sec = config.batch * (step - window_step) / (time.time() - window_start)
+          scalars = jax.device_get(step_metrics)
+          writer.write_scalars(step, {
+              'train_loss': scalars['loss'], 'grad_norm': scalars['grad_norm'],
+              'learning_rate': lr_fn(step - 1), 'images_per_sec': images_per_sec,
+              'images_per_sec_per_device': images_per_sec / jax.device_count()})
+          logging.info('Step %d/%d: loss %.4f, %.1f images/s', step, config.total_steps,
+                       scalars['loss'], images_per_sec)
+          window_start, window_step = time.time(), step
+        if save:  # Before the evaluation, so a preempted run saves within its grace period.
+          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+          last_saved = step
+        if stop and not last:
+          raise Preempted(f'Saved the checkpoint of step {step} after SIGTERM; rerun the same '
+                          'command to resume.')
+        if last or (config.eval_every and step % config.eval_every == 0):
+          metrics = run_eval(step)
+    return metrics
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+
+
+def load_for_inference(workdir: str, step: Optional[int] = None
+                       ) -> Tuple[ml_collections.ConfigDict, nn.Module, Any, list, int]:
+  """(config, model, params, class_names, step) of a workdir's checkpoint (latest by default)."""
+  config_path = os.path.join(workdir, 'config.json')
+  if not gfile.exists(config_path):
+    raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json); pass the '
+                            '--workdir of a `python -m vit_jax_ft.main` run.')
+  with gfile.GFile(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with gfile.GFile(os.path.join(workdir, 'dataset_info.json')) as f:
+    class_names = json.load(f)['class_names']
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f'No checkpoint {"" if step is None else step} in {workdir}; '
+                            f'available steps: {list(manager.all_steps())}.')
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  model = build_model(config, len(class_names))
+  return config, model, restored['params'], class_names, step
