@@ -71,8 +71,22 @@ def evaluated_examples(workdir, process=0) -> int:
 def reference_run(digits_folder, tmp_path_factory) -> pathlib.Path:
   """One uninterrupted CLI run on the digits folder, given a relative --workdir."""
   workdir = tmp_path_factory.mktemp('reference')
-  run_cli(os.path.relpath(workdir, ROOT), digits_folder)
+  out = run_cli(os.path.relpath(workdir, ROOT), digits_folder)
+  (workdir.parent / f'{workdir.name}.stderr').write_text(out.stderr)
   return workdir
+
+
+def test_terminal_shows_a_start_line_each_report_and_an_end_line(reference_run):
+  terminal = (reference_run.parent / f'{reference_run.name}.stderr').read_text().splitlines()
+  # tests/tiny_config.py: 60 steps, a report every 10, an evaluation every 30.
+  assert sum('Step ' in line and '/60: loss' in line and 'ETA' in line for line in terminal) == 6
+  assert sum('Training testing (' in line for line in terminal) == 1
+  assert sum('Done: 60 steps' in line for line in terminal) == 1
+  assert len(terminal) <= 6 + 2 + 2 + 8, '\n'.join(terminal)
+  for noise in ['orbax', 'checkpoint_manager.py', 'logging_writer.py', 'oneDNN', 'libtpu']:
+    assert not any(noise in line for line in terminal), noise
+  # The workdir's log file keeps the libraries' lines.
+  assert 'checkpoint_manager.py' in read_log(reference_run)
 
 
 def test_cli_learns_digits_and_counts_every_test_image(digits_folder, reference_run):

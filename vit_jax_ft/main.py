@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 from tensorflow.io import gfile
 
-from vit_jax_ft import train
+from vit_jax_ft import logs, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and its argument, e.g. configs/vit.py:b16,cifar10.',
@@ -29,6 +29,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, when not detected automatically.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_LIBRARY_LOGS = flags.DEFINE_bool('library_logs', False, "Also print other libraries' INFO "
+                                  'lines (orbax, clu, jax); the workdir log keeps them anyway.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a killed process).
@@ -47,13 +49,15 @@ def add_gfile_logger(workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logs.configure_terminal(_LIBRARY_LOGS.value)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
   gfile.makedirs(workdir)
   add_gfile_logger(workdir)
-  logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
+  if jax.process_count() > 1:
+    logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
+                 jax.devices())
   try:
     train.train_and_evaluate(_CONFIG.value, workdir)
   except train.Preempted as e:

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpoint, data, defaults, hub, models, optim, parallel
+from vit_jax_ft import checkpoint, data, defaults, hub, logs, models, optim, parallel
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -266,8 +266,22 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str,
     json.dump(dataclasses.asdict(info), f, indent=2)
 
 
+def log_start(config: ml_collections.ConfigDict, state: TrainState, info: 'data.DatasetInfo',
+              start: int, workdir: str) -> None:
+  """One line that says what this run trains, on what, how and where."""
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info('Training %s (%s parameters) on %s: %d classes, %d training and %d test '
+               'images; steps %d..%d, batch %d (accum_steps %d), %s base_lr %g %s; %d %s '
+               'device(s); workdir %s. The first step compiles.', config.model_name,
+               f'{num_params:,}', config.dataset, info.num_classes, info.num_train,
+               info.num_test, start + 1, config.total_steps, config.batch,
+               config.accum_steps, config.optimizer, config.base_lr, config.decay_type,
+               jax.device_count(), jax.devices()[0].platform, workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Fine-tunes `config.model_name` on `config.dataset`; returns the final test metrics."""
+  started = time.time()
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
   if config.batch % (jax.device_count() * config.accum_steps):
@@ -323,8 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         mesh, data.get_train_data(config, start_step=start), config.prefetch)
     unchecked, first_unchecked, last_saved = [], start + 1, latest
     metrics = {}
-    logging.info('Training steps %d..%d; the first step compiles.', start + 1,
-                 config.total_steps)
+    log_start(config, state, info, start, workdir)
+    bar = logs.Progress(start, config.total_steps, show_bar=None if jax.process_index() == 0
+                        else False)
     with _Preemption(manager) as preemption:
       for step in range(start + 1, config.total_steps + 1):
         state, step_metrics = step_fn(state, next(batches))
@@ -333,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           jax.block_until_ready(step_metrics)
           window_start, window_step = time.time(), step
         progress(step)
+        bar.update(step)
         last = step == config.total_steps
         stop = preemption.should_stop(step)
         report = (config.progress_every and step % config.progress_every == 0) or last
@@ -347,8 +363,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
               'train_loss': scalars['loss'], 'grad_norm': scalars['grad_norm'],
               'learning_rate': lr_fn(step - 1), 'images_per_sec': images_per_sec,
               'images_per_sec_per_device': images_per_sec / jax.device_count()})
-          logging.info('Step %d/%d: loss %.4f, %.1f images/s', step, config.total_steps,
-                       scalars['loss'], images_per_sec)
+          logging.info('Step %d/%d: loss %.4f, %.1f images/s, ETA %s', step,
+                       config.total_steps, scalars['loss'], images_per_sec, bar.eta(step))
           window_start, window_step = time.time(), step
         if save:  # Before the evaluation, so a preempted run saves within its grace period.
           manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -358,6 +374,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                           'command to resume.')
         if last or (config.eval_every and step % config.eval_every == 0):
           metrics = run_eval(step)
+    bar.close()
+    logging.info('Done: %d steps in %s; test top-1 %.4f, top-5 %.4f. Next: python -m '
+                 'vit_jax_ft.evaluate --workdir=%s', config.total_steps - start,
+                 logs.format_duration(time.time() - started), metrics['accuracy_top1'],
+                 metrics['accuracy_top5'], workdir)
     return metrics
   finally:
     manager.wait_until_finished()
