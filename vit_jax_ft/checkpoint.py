@@ -23,7 +23,9 @@ from typing import Any, Dict, Mapping, Tuple, Union
 import numpy as np
 import scipy.ndimage
 from absl import logging
+import flax
 from flax import traverse_util
+from flax.training import checkpoints as flax_checkpoints
 
 Params = Dict[str, Any]
 
@@ -34,7 +36,6 @@ _LINEN_TO_PRE_LINEN = {
     'LayerNorm_1': 'LayerNorm_2',
     'MlpBlock_0': 'MlpBlock_3',
 }
-_NUMBERED = re.compile(r'^(.*)_(\d+)$')
 _BIT_UNIT = re.compile(r'^resnet/(block\d+)/(unit\d+)/([abc])/(proj/)?'
                        r'(standardized_conv2d|group_norm)/(kernel|gamma|beta)$')
 _BIT_FIXED = {
@@ -148,23 +149,6 @@ def _to_bit_release(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return out
 
 
-def _renumber_pre_linen(tree: Mapping[str, Any]) -> Params:
-  """Renumbers `Name_i` keys per name, as Linen numbers them (recursively)."""
-  groups: Dict[str, list] = {}
-  out = {}
-  for key, value in tree.items():
-    value = _renumber_pre_linen(value) if isinstance(value, Mapping) else value
-    m = _NUMBERED.match(key)
-    if m:
-      groups.setdefault(m.group(1), []).append((int(m.group(2)), value))
-    else:
-      out[key] = value
-  for prefix, items in groups.items():
-    for new_index, (_, value) in enumerate(sorted(items, key=lambda t: t[0])):
-      out[f'{prefix}_{new_index}'] = value
-  return out
-
-
 def _squeeze_group_norm(flat: Dict[Tuple[str, ...], Any]) -> Dict[Tuple[str, ...], Any]:
   """Old GroupNorm params of shape (1, 1, 1, C) become (C,)."""
   return {path: (np.reshape(v, (-1,)) if len(path) > 1 and _GN_NAME.match(path[-2])
@@ -180,7 +164,8 @@ def load(path: str) -> Params:
   # Trees saved by big_transfer's bit_jax call the head `conv_head`.
   flat = {re.sub(r'^conv_head/', 'head/', k): v for k, v in flat.items()}
   tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
-  tree = _renumber_pre_linen(tree)
+  # Pre-Linen files number submodules across classes; Linen numbers them per class.
+  tree = flax.core.unfreeze(flax_checkpoints.convert_pre_linen(tree))
   flat_tuples = _squeeze_group_norm(traverse_util.flatten_dict(tree))
   return traverse_util.unflatten_dict(flat_tuples)
 
