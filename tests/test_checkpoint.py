@@ -1,4 +1,6 @@
 """Checkpoints: released layouts in, released layout out, adaptation to a new task, errors."""
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import traverse_util
 
 from conftest import random_params
 from numpy_reference import bit_forward
-from vit_jax_ft import checkpoint
+from vit_jax_ft import checkpoint, paths
 from vit_jax_ft.models import get_model
 
 SIZE = 32
@@ -126,6 +128,23 @@ def test_load_save_load_round_trip(tmp_path, make):
   first, second = np.load(tmp_path / 'a.npz'), np.load(tmp_path / 'b.npz')
   assert sorted(first.files) == sorted(second.files)
   assert not list(tmp_path.glob('*.tmp'))  # The atomic write left nothing behind.
+
+
+def test_gfile_filesystems_round_trip_without_touching_local_disk(tmp_path):
+  params = init(tiny_vit())
+  checkpoint.save(params, 'ram://checkpoints/vit.npz')
+  assert not list(tmp_path.iterdir()) and not pathlib.Path('ram:').exists()
+  assert_same_tree(checkpoint.load('ram://checkpoints/vit.npz'), params)
+  with pytest.raises(FileNotFoundError, match='ram://checkpoints/missing.npz'):
+    checkpoint.load('ram://checkpoints/missing.npz')
+
+
+def test_paths_tell_local_files_from_urls_and_gfile_filesystems():
+  assert [paths.is_remote(p) for p in ['gs://b/x.npz', 'ram://x', 'https://h/x', 'x.npz',
+                                       '/abs/x.npz', 'c:/x', 'dir/a://b']] == [
+                                           True, True, True, False, False, False, False]
+  assert paths.is_url('https://h/x') and paths.is_url('http://h/x')
+  assert not paths.is_url('gs://b/x.npz')
 
 
 def test_pre_linen_and_linen_names_load_to_the_same_params(tmp_path):

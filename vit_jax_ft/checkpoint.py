@@ -27,6 +27,8 @@ import flax
 from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
+from vit_jax_ft import paths
+
 Params = Dict[str, Any]
 
 # Linen name -> pre-Linen name inside each `encoderblock_N`.
@@ -53,8 +55,8 @@ class CheckpointError(ValueError):
 
 
 def _source(path: str) -> Union[str, io.BytesIO]:
-  """What `np.load` reads: a local path itself, or the bytes of a `gs://` or URL object."""
-  if path.startswith(('http://', 'https://')):
+  """What `np.load` reads: a local path itself, or the bytes of a URL or gfile object."""
+  if paths.is_url(path):
     try:
       with urllib.request.urlopen(path, timeout=30) as response:
         return io.BytesIO(response.read())
@@ -62,7 +64,7 @@ def _source(path: str) -> Union[str, io.BytesIO]:
       raise FileNotFoundError(
           f'Could not download {path}: {e}. Fetch a public checkpoint with '
           '`python -m vit_jax_ft.hub fetch NAME`, or place the file by hand.') from e
-  if path.startswith('gs://'):
+  if paths.is_remote(path):
     from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
     if not gfile.exists(path):
       raise FileNotFoundError(f'No checkpoint at {path}.')
@@ -187,7 +189,7 @@ def save(params: Mapping[str, Any], path: str) -> None:
                    k): v for k, v in flat.items()}
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
-  if path.startswith('gs://'):
+  if paths.is_remote(path):
     from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
     with gfile.GFile(path, 'wb') as f:
       f.write(buffer.getvalue())
