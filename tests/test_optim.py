@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from vit_jax_ft import defaults, optim
 
@@ -134,3 +135,67 @@ def test_weight_decay_pattern_that_matches_nothing_is_an_error():
   config.weight_decay, config.weight_decay_params = 0.1, 'kernal$'
   with pytest.raises(ValueError, match="weight_decay_params='kernal\\$' matches no parameter"):
     optim.make_optimizer(config).init(_named_params())
+
+
+def test_exponential_and_step_schedules_follow_their_formulas():
+  config = defaults.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 200, 20, 0.1
+  config.decay_type, config.decay_rate = 'exponential', 0.98
+  schedule = optim.learning_rate_schedule(config)
+  for step in [0, 10, 20, 21, 57, 199]:
+    expected = 0.1 * step / 20 if step < 20 else 0.1 * 0.98**(step - 20)
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5), step
+  config.decay_type, config.decay_milestones, config.decay_factor = 'step', (50, 120), 0.5
+  schedule = optim.learning_rate_schedule(config)
+  for step in [20, 49, 50, 51, 119, 120, 121, 199]:
+    expected = 0.1 * 0.5**sum(step >= m for m in (50, 120))  # From each milestone on.
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('decay_rate', 1.5, 'decay_rate=1.5 must be in'),
+    ('decay_milestones', (120, 50), 'must be increasing steps'),
+    ('decay_milestones', (10,), 'must be increasing steps'),
+])
+def test_bad_schedule_values_are_errors(key, value, message):
+  config = defaults.get_config()
+  config.total_steps, config.warmup_steps = 200, 20
+  config.decay_type = 'exponential' if key == 'decay_rate' else 'step'
+  config[key] = value
+  with pytest.raises(ValueError, match=message):
+    optim.learning_rate_schedule(config)
+
+
+def _vit_like_params():
+  leaf = lambda: jnp.ones((2,))  # noqa: E731
+  return {'embedding': {'kernel': leaf()}, 'cls': leaf(),
+          'Transformer': {'posembed_input': {'pos_embedding': leaf()},
+                          'encoderblock_0': {'LayerNorm_0': {'scale': leaf()}},
+                          'encoderblock_1': {'MlpBlock_0': {'Dense_0': {'kernel': leaf()}}},
+                          'encoderblock_2': {'LayerNorm_1': {'bias': leaf()}},
+                          'encoder_norm': {'scale': leaf()}},
+          'head': {'kernel': leaf()}}
+
+
+def test_layer_decay_scales_each_layer_as_timm():
+  config = defaults.get_config()
+  config.total_steps, config.warmup_steps, config.base_lr = 100, 0, 0.1
+  config.grad_norm_clip, config.momentum, config.layer_decay = 0.0, 0.0, 0.75
+  params = _vit_like_params()
+  tx = optim.make_optimizer(config)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  lr = official_lr(0, 100, 0, 0.1, 'cosine')
+  # timm: layer id 0 for patch/cls/pos embeddings, i + 1 for block i, depth + 1 = 4 after.
+  expected = {('embedding', 'kernel'): 0, ('cls',): 0,
+              ('Transformer', 'posembed_input', 'pos_embedding'): 0,
+              ('Transformer', 'encoderblock_0', 'LayerNorm_0', 'scale'): 1,
+              ('Transformer', 'encoderblock_1', 'MlpBlock_0', 'Dense_0', 'kernel'): 2,
+              ('Transformer', 'encoderblock_2', 'LayerNorm_1', 'bias'): 3,
+              ('Transformer', 'encoder_norm', 'scale'): 4, ('head', 'kernel'): 4}
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(updates).items()}
+  assert set(flat) == set(expected)
+  for path, layer in expected.items():
+    np.testing.assert_allclose(flat[path], -lr * 0.75**(4 - layer), rtol=1e-6, err_msg=path)
+  config.layer_decay = 1.5
+  with pytest.raises(ValueError, match='layer_decay=1.5'):
+    optim.make_optimizer(config)

@@ -79,8 +79,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Base learning rate.
   config.base_lr = 0.03
-  # Learning rate decay after warm-up: 'cosine', 'linear' or 'constant'.
+  # Learning rate decay after warm-up: 'cosine', 'linear' (both official), 'constant',
+  # 'exponential' (times `decay_rate` each step) or 'step' (times `decay_factor` from each of
+  # `decay_milestones`, absolute step numbers).
   config.decay_type = 'cosine'
+  config.decay_rate = 0.999
+  config.decay_milestones = ()
+  config.decay_factor = 0.1
+  # Layer-wise learning-rate decay as timm's `layer_decay` (ViTs): block i of L learns at
+  # layer_decay ** (L - i) times the rate, the embeddings at layer_decay ** (L + 1); 0: off.
+  config.layer_decay = 0.0
   # Linear warm-up steps.
   config.warmup_steps = 500
 

@@ -12,22 +12,87 @@ from flax import traverse_util
 LINEAR_END = 1e-5
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up to `base_lr`, then cosine, linear or constant decay (official formula)."""
-  total, warmup, base = config.total_steps, config.warmup_steps, config.base_lr
-  if not 0 <= warmup < total:
-    raise ValueError(f'warmup_steps={warmup} must be in [0, total_steps={total}).')
+def _decay_schedule(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+  """The schedule after warm-up, over its `steps` steps, from `config.decay_type`."""
+  base, warmup = config.base_lr, config.warmup_steps
+
+  def step_decay():
+    milestones = tuple(config.decay_milestones)
+    if (not milestones or list(milestones) != sorted(set(milestones))
+        or not warmup < milestones[0] or not milestones[-1] < config.total_steps):
+      raise ValueError(f'decay_milestones={milestones} must be increasing steps in '
+                       f'(warmup_steps={warmup}, total_steps={config.total_steps}).')
+    return optax.piecewise_constant_schedule(
+        base, {m - warmup: config.decay_factor for m in milestones})
+
+  def exponential_decay():
+    if not 0.0 < config.decay_rate <= 1.0:
+      raise ValueError(f'decay_rate={config.decay_rate} must be in (0, 1]: the factor of '
+                       'the learning rate per step.')
+    return optax.exponential_decay(base, transition_steps=1, decay_rate=config.decay_rate)
+
   decays = {
-      'cosine': lambda: optax.cosine_decay_schedule(base, total - warmup),
-      'linear': lambda: optax.linear_schedule(base, LINEAR_END, total - warmup),
+      'cosine': lambda: optax.cosine_decay_schedule(base, steps),
+      'linear': lambda: optax.linear_schedule(base, LINEAR_END, steps),
       'constant': lambda: optax.constant_schedule(base),
+      'exponential': exponential_decay,
+      'step': step_decay,
   }
   if config.decay_type not in decays:
     raise ValueError(f'decay_type={config.decay_type!r}; allowed: {sorted(decays)}.')
-  decay = decays[config.decay_type]()
+  if config.decay_type == 'step' and not 0.0 < config.decay_factor:
+    raise ValueError(f'decay_factor={config.decay_factor} must be positive.')
+  return decays[config.decay_type]()
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to `base_lr`, then the decay of `decay_type` (official cosine/linear)."""
+  total, warmup, base = config.total_steps, config.warmup_steps, config.base_lr
+  if not 0 <= warmup < total:
+    raise ValueError(f'warmup_steps={warmup} must be in [0, total_steps={total}).')
+  decay = _decay_schedule(config, total - warmup)
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
+
+
+_BLOCK = re.compile(r'(^|/)encoderblock_(\d+)/')
+# Parameters after the last block: they learn at the full rate under layer decay.
+_TOP = re.compile(r'(^|/)(encoder_norm|pre_logits|head)/')
+
+
+def layer_decay_scales(params: Any, rate: float) -> Any:
+  """timm's layer-wise learning-rate scale per parameter: rate ** (depth + 1 - layer id).
+
+  Layer ids: 0 for the embeddings (patches, class token, position embeddings, hybrid stem),
+  i + 1 for `encoderblock_i`, depth + 1 for the final norm, pre-logits and head.
+  """
+  names = list(traverse_util.flatten_dict(params, sep='/'))
+  blocks = [int(m.group(2)) for m in map(_BLOCK.search, names) if m]
+  if not blocks:
+    raise ValueError('config.layer_decay needs a transformer with `encoderblock_N` layers; '
+                     f'parameter names look like {names[:3]}.')
+  depth = max(blocks) + 1
+
+  def layer_id(name: str) -> int:
+    block = _BLOCK.search(name)
+    if block:
+      return int(block.group(2)) + 1
+    return depth + 1 if _TOP.search(name) else 0
+
+  return traverse_util.unflatten_dict(
+      {n: rate ** (depth + 1 - layer_id(n)) for n in names}, sep='/')
+
+
+def scale_by_layer_decay(rate: float) -> optax.GradientTransformation:
+  """Multiplies each update by its layer's `layer_decay_scales` (a static tree)."""
+
+  def update(updates, state, params=None):
+    del params
+    scales = layer_decay_scales(updates, rate)
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _scale_by_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -100,11 +165,16 @@ def frozen_mask(patterns: Sequence[str], params: Any) -> Any:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Clipping at global norm `grad_norm_clip`, then the optimiser; frozen params get no update."""
+  """Clipping at global norm `grad_norm_clip`, the optimiser, layer decay; frozen params get no
+  update."""
   parts = []
   if config.grad_norm_clip:
     parts.append(optax.clip_by_global_norm(config.grad_norm_clip))
   parts.append(_base_optimizer(config, learning_rate_schedule(config)))
+  if config.layer_decay:
+    if not 0.0 < config.layer_decay <= 1.0:
+      raise ValueError(f'layer_decay={config.layer_decay} must be in (0, 1] (0: off).')
+    parts.append(scale_by_layer_decay(config.layer_decay))
   tx = optax.chain(*parts)
   if config.freeze:
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()},
