@@ -113,9 +113,23 @@ def hybrid_stem(x, p, num_layers):
   return x
 
 
+def sincos_2d(h, w, width, temperature=10_000.0):
+  """Fixed 2-D embeddings from the definition: row y, column x, width/4 frequencies each."""
+  quarter = width // 4
+  table = np.zeros((h * w, width))
+  for y in range(h):
+    for x in range(w):
+      for d in range(quarter):
+        omega = temperature ** (-d / (quarter - 1))
+        row = table[y * w + x]
+        row[d], row[quarter + d] = np.sin(x * omega), np.cos(x * omega)
+        row[2 * quarter + d], row[3 * quarter + d] = np.sin(y * omega), np.cos(y * omega)
+  return table
+
+
 def vit_forward(params, images, *, num_heads, patch, classifier='token',
-                resnet_layers=None):
-  """Official ViT forward pass (inference) on NHWC images."""
+                resnet_layers=None, posemb='learned'):
+  """Official ViT forward pass (inference) on NHWC images; `posemb` as the model option."""
   p = {k: v for k, v in params.items()}
   x = np.asarray(images, np.float64)
   if resnet_layers is not None:
@@ -126,7 +140,10 @@ def vit_forward(params, images, *, num_heads, patch, classifier='token',
   if classifier == 'token':
     x = np.concatenate([np.broadcast_to(p['cls'], (n, 1, c)), x], axis=1)
   t = p['Transformer']
-  x = x + t['posembed_input']['pos_embedding']
+  if posemb == 'learned':
+    x = x + t['posembed_input']['pos_embedding']
+  elif posemb == 'sincos2d':
+    x[:, x.shape[1] - h * w:] += sincos_2d(h, w, c)  # The class token's embedding is zero.
   i = 0
   while f'encoderblock_{i}' in t:
     blk = t[f'encoderblock_{i}']
@@ -142,6 +159,10 @@ def vit_forward(params, images, *, num_heads, patch, classifier='token',
   x = x[:, 0] if classifier == 'token' else x.mean(axis=1)
   if 'pre_logits' in p and p['pre_logits']:
     x = np.tanh(x @ p['pre_logits']['kernel'] + p['pre_logits']['bias'])
+  i = 0
+  while f'head_hidden_{i}' in p:
+    x = gelu_tanh(x @ p[f'head_hidden_{i}']['kernel'] + p[f'head_hidden_{i}']['bias'])
+    i += 1
   return x @ p['head']['kernel'] + p['head']['bias']
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import random_params
 from numpy_reference import bit_forward, vit_forward
+from vit_jax_ft import checkpoint
 from vit_jax_ft.models import MODEL_SPECS, get_model
 
 OFFICIAL_COUNTS = {
@@ -62,6 +63,8 @@ def test_unknown_name_lists_close_names():
     get_model('ViT-B_16', 10, hiden_size=3)
   with pytest.raises(ValueError, match="classifier='tokn'"):
     get_model('ViT-B_16', 10, classifier='tokn')
+  with pytest.raises(ValueError, match="posemb='sincos'; allowed"):
+    get_model('ViT-B_16', 10, posemb='sincos')
   with pytest.raises(ValueError, match='sow_attention'):
     get_model('ViT-B_16', 10, attention='dot_product', sow_attention=True)
 
@@ -92,6 +95,31 @@ def test_vit_matches_numpy_reference():
 def test_vit_gap_with_representation_matches_numpy_reference():
   model = _tiny_vit(classifier='gap', representation_size=24)
   _compare(model, lambda p, x: vit_forward(p, x, num_heads=4, patch=16, classifier='gap'))
+
+
+@pytest.mark.parametrize('posemb, classifier', [('none', 'token'), ('sincos2d', 'token'),
+                                                ('sincos2d', 'gap')])
+def test_position_embedding_kinds_match_numpy_reference(posemb, classifier):
+  model = _tiny_vit(posemb=posemb, classifier=classifier)
+  params, _, _ = _compare(model, lambda p, x: vit_forward(
+      p, x, num_heads=4, patch=16, classifier=classifier, posemb=posemb), size=64)
+  assert 'posembed_input' not in params['Transformer']  # Nothing learned in either.
+
+
+def test_hidden_head_layers_match_numpy_reference_and_start_fresh(tmp_path):
+  model = _tiny_vit(head_hidden=(24, 16))
+  params, _, _ = _compare(model, lambda p, x: vit_forward(p, x, num_heads=4, patch=16),
+                          size=64)
+  assert params['head_hidden_0']['kernel'].shape == (32, 24)
+  assert params['head_hidden_1']['kernel'].shape == (24, 16)
+  released = {k: v for k, v in params.items() if not k.startswith('head')}
+  released['head'] = {'kernel': np.ones((32, 3)), 'bias': np.ones((3,))}
+  checkpoint.save(released, str(tmp_path / 'pretrained.npz'))
+  init = model.init(jax.random.PRNGKey(1), np.zeros((1, 64, 64, 3)), train=False)['params']
+  loaded = checkpoint.load_pretrained(str(tmp_path / 'pretrained.npz'), init)
+  for name in ('head_hidden_0', 'head_hidden_1', 'head'):
+    np.testing.assert_array_equal(loaded[name]['kernel'], init[name]['kernel'])
+  np.testing.assert_array_equal(loaded['embedding']['kernel'], params['embedding']['kernel'])
 
 
 def test_hybrid_matches_numpy_reference():

@@ -31,6 +31,9 @@ from vit_jax_ft import paths
 
 Params = Dict[str, Any]
 
+# The task-specific layers a fine-tuning run starts afresh: the classifier and its hidden layers.
+_HEAD = re.compile(r'^head(_hidden_\d+)?/')
+
 # Linen name -> pre-Linen name inside each `encoderblock_N`.
 _LINEN_TO_PRE_LINEN = {
     'LayerNorm_0': 'LayerNorm_0',
@@ -240,7 +243,7 @@ def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
   expected = traverse_util.flatten_dict(dict(init_params), sep='/')
   result = {}
   for key, init_value in expected.items():
-    if key.startswith('head/') and not keep_head:
+    if _HEAD.match(key) and not keep_head:
       result[key] = init_value
       continue
     if key not in restored and key.startswith('pre_logits/'):
@@ -260,7 +263,8 @@ def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
           f'Shape mismatch for {key!r}: {source} has {value.shape}, the '
           f'model expects {init_value.shape}. Check the model name and its options.')
     result[key] = value.astype(init_value.dtype)
-  extra = [k for k in restored if k not in expected and not k.startswith(('head/', 'pre_logits/'))]
+  extra = [k for k in restored if k not in expected and not _HEAD.match(k)
+           and not k.startswith('pre_logits/')]
   if extra:
     raise CheckpointError(
         f'{source} has parameters the model lacks: {extra[:5]}; is it a checkpoint '

@@ -151,6 +151,11 @@ def model_options() -> ml_collections.ConfigDict:
       'representation_size': placeholder(int),
       # 'token' (class token) or 'gap' (global average pooling).
       'classifier': placeholder(str),
+      # Position embeddings: 'learned' (official), 'none' or 'sincos2d' (fixed, big_vision).
+      'posemb': placeholder(str),
+      # Hidden layers before the classifier, e.g. (512,), each GELU then dropout.
+      'head_hidden': placeholder(tuple),
+      'head_dropout_rate': placeholder(float),
   })
 
 

@@ -6,9 +6,11 @@ import flax.linen as nn
 
 from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
 from vit_jax_ft.models.resnet import BitResNet
-from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, VisionTransformer
+from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, POSEMB_KINDS, VisionTransformer
 
 MODEL_CLASSES = {'vit': VisionTransformer, 'bit': BitResNet}
+# Options that take one of a few values.
+CHOICES = {'attention': ATTENTION_KINDS, 'classifier': CLASSIFIERS, 'posemb': POSEMB_KINDS}
 
 
 def unknown_model_error(name: str) -> ValueError:
@@ -31,10 +33,9 @@ def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
     raise ValueError(f'Unknown option(s) {sorted(unknown)} for model {name!r}; '
                      f'allowed: {sorted(fields - {"num_classes", "model_name"})}.')
   spec.update(overrides)
-  if spec.get('attention', 'dense') not in ATTENTION_KINDS:
-    raise ValueError(f'attention={spec["attention"]!r}; allowed: {ATTENTION_KINDS}.')
-  if spec.get('classifier', 'token') not in CLASSIFIERS:
-    raise ValueError(f'classifier={spec["classifier"]!r}; allowed: {CLASSIFIERS}.')
+  for option, allowed in CHOICES.items():
+    if option in spec and spec[option] not in allowed:
+      raise ValueError(f'{option}={spec[option]!r}; allowed: {allowed}.')
   if spec.get('sow_attention') and spec.get('attention') == 'dot_product':
     raise ValueError('sow_attention needs attention="dense": the fused kernel never '
                      'materialises the attention weights.')

@@ -17,9 +17,12 @@ from vit_jax_ft.models import resnet
 
 Dtype = Any
 
-# Allowed values of the `attention` and `classifier` options.
+# Allowed values of the `attention`, `classifier` and `posemb` options.
 ATTENTION_KINDS = ('dense', 'dot_product')
 CLASSIFIERS = ('token', 'gap')
+# 'learned' (official), 'none' (no position information: the ablation), 'sincos2d' (fixed
+# 2-D sine-cosine, as big_vision; the class token gets a zero embedding).
+POSEMB_KINDS = ('learned', 'none', 'sincos2d')
 
 
 def fused_attention(query, key, value, bias=None, mask=None, *,
@@ -97,9 +100,14 @@ class Encoder(nn.Module):
   sow_attention: bool = False
   dtype: Dtype = jnp.float32
 
+  posemb: str = 'learned'
+
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = AddPositionEmbs(name='posembed_input')(x)
+  def __call__(self, x, *, train: bool, grid: Optional[Tuple[int, int]] = None):
+    if self.posemb == 'learned':
+      x = AddPositionEmbs(name='posembed_input')(x)
+    elif self.posemb == 'sincos2d':
+      x = x + sincos_posemb_2d(grid, x.shape[-1], x.shape[1] - grid[0] * grid[1]).astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
     for i in range(self.num_layers):
@@ -107,6 +115,19 @@ class Encoder(nn.Module):
                 self.attention_dropout_rate, self.attention, self.sow_attention,
                 self.dtype, name=f'encoderblock_{i}')(x, not train)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+
+
+def sincos_posemb_2d(grid: Tuple[int, int], width: int, num_prefix_tokens: int,
+                     temperature: float = 10_000.0) -> jax.Array:
+  """(1, prefix + h * w, width) fixed embeddings: [sin x, cos x, sin y, cos y] (big_vision)."""
+  if width % 4:
+    raise ValueError(f'posemb="sincos2d" needs hidden_size divisible by 4, not {width}.')
+  y, x = jnp.mgrid[:grid[0], :grid[1]]
+  omega = 1.0 / temperature**(jnp.arange(width // 4) / (width // 4 - 1))
+  y = jnp.outer(y.flatten(), omega)
+  x = jnp.outer(x.flatten(), omega)
+  table = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return jnp.concatenate([jnp.zeros((num_prefix_tokens, width)), table])[None]
 
 
 class AddPositionEmbs(nn.Module):
@@ -138,6 +159,9 @@ class VisionTransformer(nn.Module):
   remat: bool = False  # Rematerialise each block to trade compute for memory.
   sow_attention: bool = False  # Store attention weights in 'intermediates'.
   dtype: Dtype = jnp.float32  # Computation dtype; parameters stay float32.
+  posemb: str = 'learned'  # One of POSEMB_KINDS.
+  head_hidden: Sequence[int] = ()  # Hidden layers (GELU, dropout) before the classifier.
+  head_dropout_rate: float = 0.0  # Dropout after each hidden head layer.
   model_name: Optional[str] = None
 
   @nn.compact
@@ -154,12 +178,17 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
     x = Encoder(self.num_layers, self.mlp_dim, self.num_heads, self.dropout_rate,
                 self.attention_dropout_rate, self.attention, self.remat,
-                self.sow_attention, self.dtype, name='Transformer')(x, train=train)
+                self.sow_attention, self.dtype, self.posemb,
+                name='Transformer')(x, train=train, grid=(h, w))
     x = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                             name='pre_logits')(x))
     if self.num_classes:
+      for i, width in enumerate(self.head_hidden):
+        x = nn.gelu(nn.Dense(width, dtype=self.dtype, name=f'head_hidden_{i}')(x),
+                    approximate=True)
+        x = nn.Dropout(self.head_dropout_rate)(x, deterministic=not train)
       x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
                    kernel_init=nn.initializers.zeros)(x)
     return x.astype(jnp.float32)
