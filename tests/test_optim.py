@@ -199,3 +199,17 @@ def test_layer_decay_scales_each_layer_as_timm():
   config.layer_decay = 1.5
   with pytest.raises(ValueError, match='layer_decay=1.5'):
     optim.make_optimizer(config)
+
+
+def test_backbone_freezes_everything_but_the_head_and_its_hidden_layers():
+  params = dict(_vit_like_params(), head_hidden_0={'kernel': jnp.ones((2,))})
+  frozen = traverse_util.flatten_dict(optim.frozen_mask(('backbone',), params), sep='/')
+  trained = sorted(name for name, is_frozen in frozen.items() if not is_frozen)
+  assert trained == ['head/kernel', 'head_hidden_0/kernel']
+  assert len(frozen) == 10
+  config = defaults.get_config()
+  config.freeze = ('backbone',)
+  tx = optim.make_optimizer(config)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  moved = sorted(n for n, u in traverse_util.flatten_dict(updates, sep='/').items() if np.any(u))
+  assert moved == trained

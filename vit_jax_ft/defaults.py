@@ -99,7 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model_options()
   # Computation dtype: 'float32' (official numerics) or 'bfloat16' (GPU/TPU speed).
   config.dtype = 'float32'
-  # Parameter subtrees to freeze, as regexes on '/'-joined names (e.g. 'Transformer/encoderblock_[0-5]/').
+  # Parameters to freeze: regexes on '/'-joined names ('Transformer/encoderblock_[0-5]/'), or
+  # 'backbone' to train only the head (`--config.freeze=backbone`).
   config.freeze = ()
 
   # ---- Preprocessing -------------------------------------------------------------------

@@ -139,12 +139,21 @@ def _base_optimizer(config: ml_collections.ConfigDict,
   return optax.chain(*parts)
 
 
+# Words that `config.freeze` may hold instead of a regex.
+FREEZE_PRESETS = {
+    # Head-only fine-tuning (a linear probe trained by SGD): all but the classifier and its
+    # hidden layers.
+    'backbone': r'^(?!head(_hidden_\d+)?/)',
+}
+
+
 def frozen_labels(patterns: Sequence[str]) -> Callable[[Any], Any]:
   """Labels each parameter 'frozen' when its '/'-joined path matches one of `patterns`.
 
-  A pattern that matches no parameter is a typo, and an error.
+  A pattern is a regex or a word of `FREEZE_PRESETS`; one that matches no parameter is a
+  typo, and an error.
   """
-  compiled = [re.compile(p) for p in patterns]
+  compiled = [re.compile(FREEZE_PRESETS.get(p, p)) for p in patterns]
 
   def label(params):
     names = list(traverse_util.flatten_dict(params, sep='/'))
