@@ -208,7 +208,7 @@ def test_backbone_freezes_everything_but_the_head_and_its_hidden_layers():
   assert trained == ['head/kernel', 'head_hidden_0/kernel']
   assert len(frozen) == 9  # The 8 leaves of _vit_like_params and the hidden layer.
   config = defaults.get_config()
-  config.freeze = ('backbone',)
+  config.total_steps, config.warmup_steps, config.freeze = 100, 0, ('backbone',)
   tx = optim.make_optimizer(config)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   moved = sorted(n for n, u in traverse_util.flatten_dict(updates, sep='/').items() if np.any(u))
