@@ -191,3 +191,25 @@ def bit_forward(params, images, block_sizes):
       x = y + shortcut
   x = relu(gn(x, p['norm-pre-head'])).mean(axis=(1, 2))
   return x @ p['head']['kernel'] + p['head']['bias']
+
+
+def mixer_forward(params, images, *, patch):
+  """Official MLP-Mixer forward pass (`vit_jax/models_mixer.py`'s equations) on NHWC images."""
+  x = np.asarray(images, np.float64)
+  x = conv2d(x, params['stem']['kernel'], patch, ((0, 0), (0, 0))) + params['stem']['bias']
+  n, h, w, c = x.shape
+  x = x.reshape(n, h * w, c)
+
+  def mlp(y, q):
+    y = gelu_tanh(y @ q['Dense_0']['kernel'] + q['Dense_0']['bias'])
+    return y @ q['Dense_1']['kernel'] + q['Dense_1']['bias']
+
+  i = 0
+  while f'MixerBlock_{i}' in params:
+    block = params[f'MixerBlock_{i}']
+    y = layer_norm(x, block['LayerNorm_0']).transpose(0, 2, 1)
+    x = x + mlp(y, block['token_mixing']).transpose(0, 2, 1)
+    x = x + mlp(layer_norm(x, block['LayerNorm_1']), block['channel_mixing'])
+    i += 1
+  x = layer_norm(x, params['pre_head_layer_norm']).mean(axis=1)
+  return x @ params['head']['kernel'] + params['head']['bias']

@@ -258,6 +258,14 @@ def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
     value = np.asarray(restored[key])
     if key.endswith('posembed_input/pos_embedding') and value.shape != init_value.shape:
       value = interpolate_posembed(value, init_value.shape[1], 'cls' in init_params)
+    if '/token_mixing/' in key and value.shape != init_value.shape:
+      # Dense_0's kernel maps the patches: its first axis is their number.
+      tokens = key.split('/token_mixing/')[0] + '/token_mixing/Dense_0/kernel'
+      raise CheckpointError(
+          f'{source} is a Mixer trained on {np.shape(restored[tokens])[0]} patches, but the '
+          f'model has {expected[tokens].shape[0]} at this resolution: its token-mixing MLP is '
+          'as wide as the patch count, so fine-tune at the pretraining resolution (set '
+          'pp.crop to it, e.g. 224 for 16 px patches).')
     if value.shape != init_value.shape:
       raise CheckpointError(
           f'Shape mismatch for {key!r}: {source} has {value.shape}, the '

@@ -28,6 +28,12 @@ def _bit(depth: int, width: int) -> ModelSpec:
   return dict(kind='bit', depth=depth, width_factor=width)
 
 
+def _mixer(patch: int, hidden: int, blocks: int, tokens_mlp: int, channels_mlp: int
+           ) -> ModelSpec:
+  return dict(kind='mixer', patch_size=(patch, patch), hidden_dim=hidden, num_blocks=blocks,
+              tokens_mlp_dim=tokens_mlp, channels_mlp_dim=channels_mlp)
+
+
 MODEL_SPECS: Dict[str, ModelSpec] = {
     'testing': dict(kind='vit', patch_size=(16, 16), hidden_size=10, mlp_dim=10,
                     num_heads=2, num_layers=1, dropout_rate=0.1,
@@ -53,6 +59,12 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
                          dropout_rate=0.1),
     'R50+ViT-L_32': _vit('L', 1, resnet_layers=(3, 4, 6, 3), resnet_width=1),
 }
+# `vit_jax/configs/models.py`: the Mixers of "MLP-Mixer: An all-MLP Architecture for Vision".
+MODEL_SPECS.update({
+    'Mixer-B_16': _mixer(16, 768, 12, 384, 3072),
+    'Mixer-B_32': _mixer(32, 768, 12, 384, 3072),
+    'Mixer-L_16': _mixer(16, 1024, 24, 512, 4096),
+})
 for _prefix in ('BiT-S', 'BiT-M'):
   for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
     MODEL_SPECS[f'{_prefix}-R{_depth}x{_width}'] = _bit(_depth, _width)
