@@ -1,5 +1,5 @@
 """The official model names and their hyper-parameters (from `vit_jax/configs/models.py`)."""
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 # Each entry: the module class name and its keyword arguments.
 ModelSpec = Dict[str, Any]
@@ -59,6 +59,22 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
                          dropout_rate=0.1),
     'R50+ViT-L_32': _vit('L', 1, resnet_layers=(3, 4, 6, 3), resnet_width=1),
 }
+def _swin(embed_dim: int, depths: Tuple[int, ...], heads: Tuple[int, ...], window: int
+          ) -> ModelSpec:
+  return dict(kind='swin', embed_dim=embed_dim, depths=depths, num_heads=heads,
+              window_size=window)
+
+
+# timm's Swin Transformer v1 names.
+_SWIN_T, _SWIN_S = (2, 2, 6, 2), (2, 2, 18, 2)
+MODEL_SPECS.update({
+    'swin_tiny_patch4_window7_224': _swin(96, _SWIN_T, (3, 6, 12, 24), 7),
+    'swin_small_patch4_window7_224': _swin(96, _SWIN_S, (3, 6, 12, 24), 7),
+    'swin_base_patch4_window7_224': _swin(128, _SWIN_S, (4, 8, 16, 32), 7),
+    'swin_base_patch4_window12_384': _swin(128, _SWIN_S, (4, 8, 16, 32), 12),
+    'swin_large_patch4_window7_224': _swin(192, _SWIN_S, (6, 12, 24, 48), 7),
+    'swin_large_patch4_window12_384': _swin(192, _SWIN_S, (6, 12, 24, 48), 12),
+})
 # `vit_jax/configs/models.py`: the Mixers of "MLP-Mixer: An all-MLP Architecture for Vision".
 MODEL_SPECS.update({
     'Mixer-B_16': _mixer(16, 768, 12, 384, 3072),

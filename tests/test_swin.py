@@ -1,0 +1,64 @@
+"""Swin Transformer: logits equal timm's on random weights, parameter counts equal timm's."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax_ft.models import get_model, swin
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
+# Made by tests/fixtures/make_swin_fixtures.py with timm (see its docstring).
+REFERENCE = json.loads((FIXTURES / 'swin_timm_counts.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def timm_outputs():
+  return np.load(FIXTURES / 'swin_timm.npz')
+
+
+@pytest.mark.parametrize('case', sorted(REFERENCE['cases']))
+def test_logits_equal_timm_on_random_weights(timm_outputs, case):
+  spec = REFERENCE['cases'][case]
+  prefix = f'{case}/sd/'
+  state_dict = {k[len(prefix):]: timm_outputs[k] for k in timm_outputs.files
+                if k.startswith(prefix)}
+  params = swin.from_timm(state_dict)
+  model = get_model('swin_tiny_patch4_window7_224', 5, embed_dim=spec['embed_dim'],
+                    depths=tuple(spec['depths']), num_heads=tuple(spec['num_heads']),
+                    window_size=spec['window_size'])
+  images = timm_outputs[f'{case}/images']
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(images)))
+  assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, expected['params'])
+  with jax.default_matmul_precision('highest'):
+    got = np.asarray(model.apply({'params': params}, jnp.asarray(images)))
+  want = timm_outputs[f'{case}/logits']
+  assert np.abs(want).max() > 0.5
+  np.testing.assert_allclose(got, want, rtol=0, atol=5e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('name', sorted(REFERENCE['counts']))
+def test_parameter_counts_equal_timm(name):
+  size = 384 if name.endswith('384') else 224
+  model = get_model(name, 1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, size, size, 3))))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+  assert count == REFERENCE['counts'][name]
+
+
+def test_relative_position_index_is_the_offset_between_positions():
+  index = swin.relative_position_index((3, 2))
+  positions = [(r, c) for r in range(3) for c in range(2)]
+  for q, (qr, qc) in enumerate(positions):
+    for k, (kr, kc) in enumerate(positions):
+      assert index[q, k] == (qr - kr + 2) * 3 + (qc - kc + 1)
+
+
+def test_image_size_not_a_multiple_of_the_patch_is_a_clear_error():
+  model = get_model('swin_tiny_patch4_window7_224', 3, embed_dim=8, depths=(2,),
+                    num_heads=(2,))
+  with pytest.raises(ValueError, match='multiple of the 4 px patches'):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 30, 30, 3)))
