@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
+from vit_jax_ft import checkpoint
 from vit_jax_ft.models import get_model, swin
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
@@ -62,3 +64,39 @@ def test_image_size_not_a_multiple_of_the_patch_is_a_clear_error():
                     num_heads=(2,))
   with pytest.raises(ValueError, match='multiple of the 4 px patches'):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 30, 30, 3)))
+
+
+def _state_dict(timm_outputs, case):
+  prefix = f'{case}/sd/'
+  return {k[len(prefix):]: timm_outputs[k] for k in timm_outputs.files if k.startswith(prefix)}
+
+
+def test_timm_safetensors_load_as_variables_and_fine_tune_with_a_new_head(timm_outputs,
+                                                                          tmp_path):
+  state_dict = _state_dict(timm_outputs, 'odd_merge')
+  path = str(tmp_path / 'swin.safetensors')
+  safetensors.numpy.save_file(state_dict, path)
+  variables = checkpoint.load_variables(path)
+  assert list(variables) == ['params']
+  jax.tree.map(np.testing.assert_array_equal, variables['params'], swin.from_timm(state_dict))
+  spec = REFERENCE['cases']['odd_merge']
+  model = get_model('swin_tiny_patch4_window7_224', 3, embed_dim=spec['embed_dim'],
+                    depths=tuple(spec['depths']), num_heads=tuple(spec['num_heads']))
+  init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 56, 56, 3)))['params']
+  params = checkpoint.load_pretrained(path, init)
+  head = params['head']['fc']['kernel']
+  assert head.shape == (64, 3) and not head.any()
+  np.testing.assert_array_equal(params['norm']['scale'], state_dict['norm.weight'])
+
+
+def test_unknown_layouts_and_pickles_without_torch_are_clear_errors(tmp_path):
+  safetensors.numpy.save_file({'encoder.conv9.weight': np.ones((2, 2), np.float32)},
+                              str(tmp_path / 'other.safetensors'))
+  with pytest.raises(checkpoint.CheckpointError, match="no supported family.*encoder.conv9"):
+    checkpoint.load_variables(str(tmp_path / 'other.safetensors'))
+  (tmp_path / 'model.pth').write_bytes(b'not read')
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    with pytest.raises(checkpoint.CheckpointError, match='needs torch.*safetensors'):
+      checkpoint.load_variables(str(tmp_path / 'model.pth'))

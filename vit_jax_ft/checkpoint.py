@@ -13,12 +13,13 @@ the official code and timm's npz loader read.
 """
 import io
 import os
+import pathlib
 import re
 import tempfile
 import urllib.request
 import zipfile
 import zlib
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Tuple, Union
 
 import numpy as np
 import scipy.ndimage
@@ -28,6 +29,7 @@ from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
 from vit_jax_ft import paths
+from vit_jax_ft.models import swin
 
 Params = Dict[str, Any]
 
@@ -161,7 +163,63 @@ def _squeeze_group_norm(flat: Dict[Tuple[str, ...], Any]) -> Dict[Tuple[str, ...
           for path, v in flat.items()}
 
 
+# Extensions of PyTorch state dicts (timm, torchvision), read with safetensors or torch.
+SAFETENSORS_EXTENSIONS = ('.safetensors',)
+TORCH_EXTENSIONS = ('.pth', '.pt', '.bin')
+# State-dict layouts by family: (recognises the keys, converts to the Flax variables).
+STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
+                                     Callable[[Mapping[str, Any]], Params]]] = {
+    'swin': (swin.is_timm_state_dict, swin.from_timm),
+}
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """The `{'layers.0.weight': array}` contents of a `.safetensors`, `.pth` or `.bin` file."""
+  data = _source(path)
+  if path.endswith(SAFETENSORS_EXTENSIONS):
+    import safetensors.numpy  # pylint: disable=import-outside-toplevel
+    raw = data.getvalue() if isinstance(data, io.BytesIO) else pathlib.Path(data).read_bytes()
+    try:
+      return dict(safetensors.numpy.load(raw))
+    except Exception as e:  # safetensors raises its own SafetensorError for any damage.
+      raise CheckpointError(f'{path} is not a readable .safetensors file ({e}).') from e
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(
+        f'{path} is a PyTorch pickle, which needs torch to read. Install torch, or convert it '
+        'once where torch is installed: python -c "import torch, safetensors.torch as s; '
+        f"s.save_file(torch.load('{path}', map_location='cpu'), 'model.safetensors')\" and "
+        'load model.safetensors.') from e
+  state = torch.load(data, map_location='cpu', weights_only=True)
+  state = state.get('model', state.get('state_dict', state))
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in state.items() if hasattr(v, 'numpy')}
+
+
+def load_variables(path: str) -> Dict[str, Params]:
+  """The Flax variables (`{'params': ...}`) of a released `.npz` or a timm/torchvision file.
+
+  The family of a state dict is recognised from its keys; an unknown layout is an error
+  that names them.
+  """
+  if not path.endswith(SAFETENSORS_EXTENSIONS + TORCH_EXTENSIONS):
+    return {'params': load_npz(path)}
+  state = read_state_dict(path)
+  for detect, convert in STATE_DICT_FAMILIES.values():
+    if detect(state):
+      return {'params': convert(state)}
+  raise CheckpointError(
+      f'{path} has a state-dict layout of no supported family ({sorted(STATE_DICT_FAMILIES)}); '
+      f'its keys look like {sorted(state)[:6]}.')
+
+
 def load(path: str) -> Params:
+  """The parameters of any supported checkpoint file (see `load_variables`)."""
+  return load_variables(path)['params']
+
+
+def load_npz(path: str) -> Params:
   """Reads a released or saved `.npz` (local, `gs://` or `https://`) into the model tree."""
   flat = _strip_optimizer(read_npz(path))
   if any(key.startswith('resnet/') for key in flat):

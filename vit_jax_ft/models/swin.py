@@ -235,6 +235,12 @@ class SwinTransformer(nn.Module):
     return x.astype(jnp.float32)
 
 
+def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:
+  """Whether the keys are timm's Swin layout."""
+  return any(k.endswith('attn.relative_position_bias_table') for k in state_dict) and any(
+      k.startswith('patch_embed.proj.') for k in state_dict)
+
+
 def from_timm(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   """timm's Swin state dict (numpy arrays) -> this module's params tree."""
   flat = {}
