@@ -1,14 +1,19 @@
-"""MLP-Mixer: the official names, sizes and `.npz` layout, and outputs against numpy."""
+"""MLP-Mixer: the official names, sizes and `.npz` layout, outputs against numpy and timm."""
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from conftest import random_params
 from numpy_reference import mixer_forward
 from vit_jax_ft import checkpoint
 from vit_jax_ft.models import get_model
 
+FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 # timm's published counts of mixer_b16_224 and mixer_l16_224 (224 px, 1000 classes).
 TIMM_COUNTS = {'Mixer-B_16': 59_880_472, 'Mixer-L_16': 208_196_168}
 
@@ -78,3 +83,33 @@ def test_official_npz_layout_loads_and_a_new_resolution_is_a_clear_error(tmp_pat
   bigger = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 48, 48, 3)))['params']
   with pytest.raises(checkpoint.CheckpointError, match='Mixer trained on 16 patches.*has 36'):
     checkpoint.load_pretrained(str(tmp_path / 'Mixer.npz'), bigger)
+
+
+TIMM = json.loads((FIXTURES / 'mixer_timm_counts.json').read_text())
+
+
+@pytest.mark.parametrize('name', sorted(TIMM['counts']))
+def test_timm_names_have_timm_parameter_counts(name):
+  model = get_model(name, 1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params'])) == (
+      TIMM['counts'][name])
+
+
+def test_timm_safetensors_give_timm_logits_in_the_official_tree(tmp_path):
+  outputs = np.load(FIXTURES / 'mixer_timm.npz')
+  spec = TIMM['cases']['tiny']
+  state_dict = {k[len('tiny/sd/'):]: outputs[k] for k in outputs.files
+                if k.startswith('tiny/sd/')}
+  safetensors.numpy.save_file(state_dict, str(tmp_path / 'mixer.safetensors'))
+  params = checkpoint.load(str(tmp_path / 'mixer.safetensors'))
+  assert 'MixerBlock_1' in params and 'token_mixing' in params['MixerBlock_0']
+  patch, hidden = spec['patch_size'], spec['embed_dim']
+  model = get_model('mixer_b16_224', 5, patch_size=(patch, patch), hidden_dim=hidden,
+                    num_blocks=spec['num_blocks'], tokens_mlp_dim=hidden // 2,
+                    channels_mlp_dim=4 * hidden)
+  with jax.default_matmul_precision('highest'):
+    got = np.asarray(model.apply({'params': params}, jnp.asarray(outputs['tiny/images'])))
+  want = outputs['tiny/logits']
+  assert np.abs(want).max() > 0.5
+  np.testing.assert_allclose(got, want, rtol=0, atol=5e-4 * np.abs(want).max())

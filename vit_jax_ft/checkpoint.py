@@ -29,7 +29,7 @@ from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
 from vit_jax_ft import paths
-from vit_jax_ft.models import swin
+from vit_jax_ft.models import mixer, swin
 
 Params = Dict[str, Any]
 
@@ -170,6 +170,7 @@ TORCH_EXTENSIONS = ('.pth', '.pt', '.bin')
 STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
                                      Callable[[Mapping[str, Any]], Params]]] = {
     'swin': (swin.is_timm_state_dict, swin.from_timm),
+    'mixer': (mixer.is_timm_state_dict, mixer.from_timm),
 }
 
 

@@ -3,12 +3,17 @@
 Tree: `stem` (patch convolution), `MixerBlock_N/{LayerNorm_0, token_mixing, LayerNorm_1,
 channel_mixing}` with `Dense_0`/`Dense_1` in each MLP, `pre_head_layer_norm`, `head`. As
 in the official code: tanh-approximate GELU, LayerNorm eps 1e-6, global average pooling.
-The token MLP is as wide as the number of patches, so a Mixer runs at one resolution only.
+timm's names (`mixer_b16_224`) are the same network with exact GELU; `from_timm` maps their
+state dicts onto this tree. The token MLP is as wide as the number of patches, so a Mixer
+runs at one resolution only.
 """
-from typing import Any, Optional, Tuple
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 Dtype = Any
 
@@ -17,11 +22,12 @@ class MlpBlock(nn.Module):
   """Dense to `mlp_dim`, GELU, Dense back to the input width."""
 
   mlp_dim: int
+  gelu_approximate: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(x), approximate=True)
+    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(x), approximate=self.gelu_approximate)
     return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
 
 
@@ -30,15 +36,18 @@ class MixerBlock(nn.Module):
 
   tokens_mlp_dim: int
   channels_mlp_dim: int
+  gelu_approximate: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    tokens = MlpBlock(self.tokens_mlp_dim, self.gelu_approximate, self.dtype, name='token_mixing')
+    channels = MlpBlock(self.channels_mlp_dim, self.gelu_approximate, self.dtype,
+                        name='channel_mixing')
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-    y = MlpBlock(self.tokens_mlp_dim, self.dtype, name='token_mixing')(y.swapaxes(1, 2))
-    x = x + y.swapaxes(1, 2)
+    x = x + tokens(y.swapaxes(1, 2)).swapaxes(1, 2)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-    return x + MlpBlock(self.channels_mlp_dim, self.dtype, name='channel_mixing')(y)
+    return x + channels(y)
 
 
 class MlpMixer(nn.Module):
@@ -50,6 +59,7 @@ class MlpMixer(nn.Module):
   num_blocks: int
   tokens_mlp_dim: int
   channels_mlp_dim: int
+  gelu_approximate: bool = True  # tanh GELU (official); False: exact (timm).
   dtype: Dtype = jnp.float32  # Computation dtype; parameters stay float32.
   model_name: Optional[str] = None
 
@@ -61,10 +71,43 @@ class MlpMixer(nn.Module):
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
     for _ in range(self.num_blocks):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dtype)(x)
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.gelu_approximate,
+                     self.dtype)(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='head')(x)
     return x.astype(jnp.float32)
+
+
+# timm's Mixer names -> the official ones, applied in order to '/'-joined keys.
+_TIMM_TO_OFFICIAL = (
+    (r'^stem/proj/', 'stem/'), (r'^blocks/(\d+)/', r'MixerBlock_\1/'),
+    (r'/norm1/', '/LayerNorm_0/'), (r'/norm2/', '/LayerNorm_1/'),
+    (r'/mlp_tokens/', '/token_mixing/'), (r'/mlp_channels/', '/channel_mixing/'),
+    (r'/fc1/', '/Dense_0/'), (r'/fc2/', '/Dense_1/'), (r'^norm/', 'pre_head_layer_norm/'),
+)
+
+
+def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:
+  """Whether the keys are timm's MlpMixer layout."""
+  return any('.mlp_tokens.fc1.' in k for k in state_dict)
+
+
+def from_timm(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+  """timm's Mixer state dict (numpy arrays) -> the official params tree of this module."""
+  flat = {}
+  for key, value in state_dict.items():
+    name, value = key.replace('.', '/'), np.asarray(value)
+    for pattern, replacement in _TIMM_TO_OFFICIAL:
+      name = re.sub(pattern, replacement, name)
+    if name.endswith('/weight'):
+      if value.ndim == 4:  # Conv (out, in, h, w) -> (h, w, in, out).
+        name, value = name[:-len('weight')] + 'kernel', value.transpose(2, 3, 1, 0)
+      elif value.ndim == 2:  # Linear (out, in) -> (in, out).
+        name, value = name[:-len('weight')] + 'kernel', value.T
+      else:  # LayerNorm.
+        name = name[:-len('weight')] + 'scale'
+    flat[name] = value
+  return traverse_util.unflatten_dict(flat, sep='/')

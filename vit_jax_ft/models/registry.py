@@ -28,10 +28,10 @@ def _bit(depth: int, width: int) -> ModelSpec:
   return dict(kind='bit', depth=depth, width_factor=width)
 
 
-def _mixer(patch: int, hidden: int, blocks: int, tokens_mlp: int, channels_mlp: int
-           ) -> ModelSpec:
+def _mixer(patch: int, hidden: int, blocks: int, tokens_mlp: int, channels_mlp: int,
+           **overrides) -> ModelSpec:
   return dict(kind='mixer', patch_size=(patch, patch), hidden_dim=hidden, num_blocks=blocks,
-              tokens_mlp_dim=tokens_mlp, channels_mlp_dim=channels_mlp)
+              tokens_mlp_dim=tokens_mlp, channels_mlp_dim=channels_mlp, **overrides)
 
 
 MODEL_SPECS: Dict[str, ModelSpec] = {
@@ -80,6 +80,9 @@ MODEL_SPECS.update({
     'Mixer-B_16': _mixer(16, 768, 12, 384, 3072),
     'Mixer-B_32': _mixer(32, 768, 12, 384, 3072),
     'Mixer-L_16': _mixer(16, 1024, 24, 512, 4096),
+    # timm's names of the same networks: exact GELU.
+    'mixer_b16_224': _mixer(16, 768, 12, 384, 3072, gelu_approximate=False),
+    'mixer_l16_224': _mixer(16, 1024, 24, 512, 4096, gelu_approximate=False),
 })
 for _prefix in ('BiT-S', 'BiT-M'):
   for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
