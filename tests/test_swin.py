@@ -100,3 +100,22 @@ def test_unknown_layouts_and_pickles_without_torch_are_clear_errors(tmp_path):
   except ImportError:
     with pytest.raises(checkpoint.CheckpointError, match='needs torch.*safetensors'):
       checkpoint.load_variables(str(tmp_path / 'model.pth'))
+
+
+def test_bias_tables_resize_as_timm_for_a_new_window(timm_outputs, tmp_path):
+  tables = np.load(FIXTURES / 'swin_timm_table_resize.npz')
+  resized = swin.resize_relative_position_bias(tables['window7'], (12, 12))
+  np.testing.assert_allclose(resized, tables['window12'], rtol=1e-5, atol=1e-6)
+  # Fine-tuning a window-7 checkpoint with window 8 resizes every table, nothing else.
+  state_dict = _state_dict(timm_outputs, 'odd_merge')
+  safetensors.numpy.save_file(state_dict, str(tmp_path / 'swin.safetensors'))
+  spec = REFERENCE['cases']['odd_merge']
+  model = get_model('swin_tiny_patch4_window7_224', 3, embed_dim=spec['embed_dim'],
+                    depths=tuple(spec['depths']), num_heads=tuple(spec['num_heads']),
+                    window_size=8)
+  init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))['params']
+  params = checkpoint.load_pretrained(str(tmp_path / 'swin.safetensors'), init)
+  table = params['layers_0']['blocks_1']['attn']['relative_position_bias_table']
+  assert table.shape == (15 * 15, 2)
+  np.testing.assert_allclose(table, swin.resize_relative_position_bias(
+      state_dict['layers.0.blocks.1.attn.relative_position_bias_table'], (8, 8)))

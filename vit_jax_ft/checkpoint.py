@@ -317,6 +317,10 @@ def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
     value = np.asarray(restored[key])
     if key.endswith('posembed_input/pos_embedding') and value.shape != init_value.shape:
       value = interpolate_posembed(value, init_value.shape[1], 'cls' in init_params)
+    if key.endswith('relative_position_bias_table') and value.shape != init_value.shape:
+      side = int(round(np.sqrt(init_value.shape[0])))  # Swin's tables are (2w - 1)^2 rows.
+      logging.info('Resizing %s to a %dx%d window', key, (side + 1) // 2, (side + 1) // 2)
+      value = swin.resize_relative_position_bias(value, ((side + 1) // 2,) * 2)
     if '/token_mixing/' in key and value.shape != init_value.shape:
       # Dense_0's kernel maps the patches: its first axis is their number.
       tokens = key.split('/token_mixing/')[0] + '/token_mixing/Dense_0/kernel'

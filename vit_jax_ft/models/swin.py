@@ -68,6 +68,42 @@ def unpartition(windows, window: Tuple[int, int], h: int, w: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
+def _source_offsets(source: int, target: int) -> np.ndarray:
+  """timm's (BEiT's) source positions: spaced by a geometric progression that spans `target`."""
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:
+    ratio = (left + right) / 2.0
+    if (1.0 - ratio**(source // 2)) / (1.0 - ratio) > target // 2:
+      right = ratio
+    else:
+      left = ratio
+  distances = np.cumsum([1.0] + [ratio**(i + 1) for i in range(source // 2 - 1)])
+  return np.concatenate([-distances[::-1], [0.0], distances])
+
+
+def resize_relative_position_bias(table: np.ndarray, window: Tuple[int, int]) -> np.ndarray:
+  """A (positions, heads) bias table of a square window resized to `window`, as timm does.
+
+  The old offsets are spread by a geometric progression over the new range, then each head's
+  grid is interpolated linearly (clamped at the edges) at the new integer offsets.
+  """
+  side = int(round(np.sqrt(table.shape[0])))
+  new = (2 * window[0] - 1, 2 * window[1] - 1)
+  if side * side != table.shape[0]:
+    raise ValueError(f'A relative position bias table of {table.shape[0]} positions is not '
+                     'from a square window; it cannot be resized.')
+  if (side, side) == new:
+    return table
+  rows, cols = _source_offsets(side, new[0]), _source_offsets(side, new[1])
+  new_rows = np.arange(-(new[0] // 2), new[0] // 2 + 0.1)
+  new_cols = np.arange(-(new[1] // 2), new[1] // 2 + 0.1)
+  heads = []
+  for grid in np.moveaxis(np.asarray(table, np.float64).reshape(side, side, -1), -1, 0):
+    along_cols = np.stack([np.interp(new_cols, cols, row) for row in grid])
+    heads.append(np.stack([np.interp(new_rows, rows, col) for col in along_cols.T], axis=1))
+  return np.stack(heads, axis=-1).reshape(new[0] * new[1], -1).astype(table.dtype)
+
+
 class WindowAttention(nn.Module):
   """Multi-head self-attention within each window, with the relative position bias."""
 
