@@ -29,7 +29,7 @@ from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
 from vit_jax_ft import paths
-from vit_jax_ft.models import mixer, swin
+from vit_jax_ft.models import mixer, resnet_v1, swin
 
 Params = Dict[str, Any]
 
@@ -168,9 +168,10 @@ SAFETENSORS_EXTENSIONS = ('.safetensors',)
 TORCH_EXTENSIONS = ('.pth', '.pt', '.bin')
 # State-dict layouts by family: (recognises the keys, converts to the Flax variables).
 STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
-                                     Callable[[Mapping[str, Any]], Params]]] = {
-    'swin': (swin.is_timm_state_dict, swin.from_timm),
-    'mixer': (mixer.is_timm_state_dict, mixer.from_timm),
+                                     Callable[[Mapping[str, Any]], Dict[str, Params]]]] = {
+    'swin': (swin.is_timm_state_dict, lambda state: {'params': swin.from_timm(state)}),
+    'mixer': (mixer.is_timm_state_dict, lambda state: {'params': mixer.from_timm(state)}),
+    'resnet_v1': (resnet_v1.is_timm_state_dict, resnet_v1.from_timm),
 }
 
 
@@ -209,7 +210,7 @@ def load_variables(path: str) -> Dict[str, Params]:
   state = read_state_dict(path)
   for detect, convert in STATE_DICT_FAMILIES.values():
     if detect(state):
-      return {'params': convert(state)}
+      return convert(state)
   raise CheckpointError(
       f'{path} has a state-dict layout of no supported family ({sorted(STATE_DICT_FAMILIES)}); '
       f'its keys look like {sorted(state)[:6]}.')

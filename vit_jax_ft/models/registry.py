@@ -75,6 +75,10 @@ MODEL_SPECS.update({
     'swin_large_patch4_window7_224': _swin(192, _SWIN_S, (6, 12, 24, 48), 7),
     'swin_large_patch4_window12_384': _swin(192, _SWIN_S, (6, 12, 24, 48), 12),
 })
+# timm's (and torchvision's) ResNet v1.5 names.
+MODEL_SPECS.update({f'resnet{depth}': dict(kind='resnet_v1', layers=layers)
+                    for depth, layers in ((50, (3, 4, 6, 3)), (101, (3, 4, 23, 3)),
+                                          (152, (3, 8, 36, 3)))})
 # `vit_jax/configs/models.py`: the Mixers of "MLP-Mixer: An all-MLP Architecture for Vision".
 MODEL_SPECS.update({
     'Mixer-B_16': _mixer(16, 768, 12, 384, 3072),
