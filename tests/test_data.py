@@ -268,7 +268,7 @@ def test_folder_errors(tmp_path):
     data.get_dataset_info(_config(tmp_path))
   with pytest.raises(ValueError, match='neither a folder nor a tfds'):
     data.get_dataset_info(_config(tmp_path / 'missing'))
-  with pytest.raises(ValueError, match='multiple of the 3 processes'):
+  with pytest.raises(ValueError, match='multiple of 3, to split over the 3 processes'):
     data.get_eval_data(_config(tmp_path), process_index=0, process_count=3)
 
 
