@@ -67,6 +67,8 @@ class Streamed:
   seed: int = 0  # Of the file order and the shuffle buffer.
   shuffle_buffer: int = 1
   carry: Tuple[str, ...] = ('file', 'offset')  # Which record it is: names a failed image.
+  class_counts = None  # Unknown without reading the whole split.
+  num_corrupt = None  # Bad images are found only when decoded.
 
   @property
   def class_names(self) -> List[str]:
@@ -79,9 +81,6 @@ class Streamed:
   def epoch_size(self, process_count: int) -> int:
     """Training examples per epoch over all hosts: each reads `num_examples // hosts`."""
     return process_count * (self.num_examples // process_count)
-
-  class_counts = None  # Unknown without reading the whole split.
-  num_corrupt = None  # Found only when decoded.
 
   def train_records(self, start_step: int, global_batch: int, process_index: int,
                     process_count: int) -> tf.data.Dataset:

@@ -121,4 +121,4 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, on_corrupt: str = 
   split_examples = examples.Examples(data, np.concatenate(labels).astype(np.int64), names)
   ok = np.array([examples.is_image(image[:8]) for image in data], bool)
   return split_examples.keep(ok, 'are not images (by their first bytes)', on_corrupt,
-                             f'{builder.name}[{split}]')
+                             f'{builder.name} split {split}')
