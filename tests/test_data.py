@@ -5,13 +5,14 @@ import pathlib
 import re
 import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import SHARED_DATA
-from vit_jax_ft import data, defaults, train
+from vit_jax_ft import data, defaults, parallel, train
 from vit_jax_ft.data import tfds_source
 
 CLASSES = ('airplane', 'cat', 'ship')
@@ -371,3 +372,14 @@ def test_corrupt_images_are_named_and_counted_in_every_split(tmp_path, caplog, c
   assert ('In all, 1 image(s) of this pass failed' in log) == (in_stream == 1)  # The eval.
   with pytest.raises(ValueError, match='garbage.jpg'):
     data.get_dataset_info(_config(tmp_path, cache=cache, on_corrupt_image='error'))
+
+
+def test_one_batch_check_covers_processes_devices_and_micro_batches(image_folder):
+  """parallel.check_batch_size: the host share, or an error naming what the batch must split over."""
+  devices = jax.device_count()
+  assert parallel.check_batch_size(12 * devices, 'batch', process_count=3) == 4 * devices
+  with pytest.raises(ValueError, match=r'config.batch=6 must be a positive multiple of 4,.* '
+                     r'config.accum_steps=4'):
+    parallel.check_batch_size(6, 'batch', accum_steps=4, process_count=1)
+  with pytest.raises(ValueError, match='config.batch=0 must be a positive multiple'):
+    data.get_train_data(_config(image_folder[0], batch=0), process_index=0, process_count=1)

@@ -95,7 +95,7 @@ def load_split(root: str, split: str, test_fraction: float = 0.2, split_seed: in
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     ok = np.array(list(pool.map(_is_image, paths)), bool)
   split_examples = split_examples.keep(ok, 'are not images (by their first bytes)', on_corrupt,
-                                       f'folder {root} split {split}')
+                                       f'{root} split {split}')
   logging.info('Folder %s split %s: %d images, %d classes', root, split, len(split_examples),
                len(class_names))
   return split_examples

@@ -105,4 +105,4 @@ def _host_batches(config: ml_collections.ConfigDict, source: sources.Source,
       'its weight is 0 in its batch' if train else 'it is left out of the evaluation')
   return batching.numpy_batches(ds, source.carry, failures, source.name,
                                 'weight' if train else 'mask',
-                                source.weights() if train else None)
+                                source.weights())
