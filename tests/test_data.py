@@ -375,7 +375,7 @@ def test_corrupt_images_are_named_and_counted_in_every_split(tmp_path, caplog, c
 
 
 def test_one_batch_check_covers_processes_devices_and_micro_batches(image_folder):
-  """parallel.check_batch_size: the host share, or an error naming what the batch must split over."""
+  """parallel.check_batch_size: the host share, or an error naming what the batch splits over."""
   devices = jax.device_count()
   assert parallel.check_batch_size(12 * devices, 'batch', process_count=3) == 4 * devices
   with pytest.raises(ValueError, match=r'config.batch=6 must be a positive multiple of 4,.* '

@@ -5,7 +5,7 @@ images or paths, decoded once with `config.cache`; `memory.py`); larger tfds spl
 streamed from their record files (`stream.py`). The threshold decides per split.
 """
 import functools
-from typing import List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import ml_collections
 import numpy as np
@@ -19,21 +19,24 @@ CORRUPT_IMAGE_MODES = ('skip', 'error')
 
 
 class Source(Protocol):
-  """A split as records, and how one becomes (image, label): `memory.InMemory`, `stream.Streamed`."""
+  """A split as records and how one becomes (image, label): `memory.InMemory`, `stream.Streamed`."""
   carry: Tuple[str, ...]  # Record keys that say which example it is (to name a failed one).
   class_names: List[str]
   num_examples: int
   class_counts: Optional[List[int]]  # Training examples per class and epoch; None: unknown.
   num_corrupt: Optional[int]  # Images left out of the split as read; None: unknown.
 
-  def epoch_size(self, process_count: int) -> int: ...
+  def epoch_size(self, process_count: int) -> int: ...  # Training examples per epoch.
+  # Batches of this host's records: {'position', and what `read` needs}, `local` each.
   def train_records(self, start_step: int, global_batch: int, process_index: int,
                     process_count: int) -> tf.data.Dataset: ...
+  # As many batches on every host, each up to `local` records (short or empty: padding).
   def eval_records(self, global_batch: int, process_index: int,
                    process_count: int) -> tf.data.Dataset: ...
-  def read(self, record, decode: preprocess.Op) -> Tuple[tf.Tensor, tf.Tensor]: ...
-  def name(self, carried, slot: int) -> str: ...
-  def weights(self): ...
+  def read(self, record: Dict[str, tf.Tensor], decode: preprocess.Op
+           ) -> Tuple[tf.Tensor, tf.Tensor]: ...  # The record's uint8 image and label.
+  def name(self, carried: Dict[str, np.ndarray], slot: int) -> str: ...  # For logs.
+  def weights(self) -> Optional[Callable[[Dict[str, np.ndarray]], np.ndarray]]: ...
 
 
 def _check(config: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,4 @@
-"""tensorflow_datasets splits read into memory still encoded, and preparation that never hangs offline.
+"""tfds splits read into memory still encoded, and preparation that never hangs offline.
 
 Records whose image is not an image by its first bytes are left out of a split read
 into memory, named and counted (`Examples.keep`).
