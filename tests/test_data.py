@@ -1,15 +1,18 @@
 """Input pipeline end to end: image folders written here, tfds mock data, real Fashion-MNIST."""
 import gzip
+import json
 import pathlib
+import re
 import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import SHARED_DATA
-from vit_jax_ft import data, defaults
+from vit_jax_ft import data, defaults, parallel, train
 from vit_jax_ft.data import tfds_source
 
 CLASSES = ('airplane', 'cat', 'ship')
@@ -268,7 +271,7 @@ def test_folder_errors(tmp_path):
     data.get_dataset_info(_config(tmp_path))
   with pytest.raises(ValueError, match='neither a folder nor a tfds'):
     data.get_dataset_info(_config(tmp_path / 'missing'))
-  with pytest.raises(ValueError, match='multiple of the 3 processes'):
+  with pytest.raises(ValueError, match='multiple of 3, to split over the 3 processes'):
     data.get_eval_data(_config(tmp_path), process_index=0, process_count=3)
 
 
@@ -317,3 +320,66 @@ def test_fashion_mnist_is_grey_made_rgb_with_real_splits(fashion_mnist_tfds_dir)
   train = next(data.get_train_data(config, process_count=1, process_index=0))
   assert train['image'].shape == (4, 28, 28, 3)
 
+
+
+def _plant_corrupt_files(root: pathlib.Path) -> dict:
+  """In each split, a garbage .jpg (no image header) and a truncated .png; {split: names}."""
+  planted = {}
+  for split in ('train', 'test'):
+    png = sorted((root / split / 'ship').glob('*.png'))[0].read_bytes()
+    (root / split / 'cat' / 'garbage.jpg').write_bytes(b'not an image at all' * 4)
+    (root / split / 'ship' / 'truncated.png').write_bytes(png[:len(png) // 2])
+    planted[split] = ['garbage.jpg', 'truncated.png']
+  return planted
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_corrupt_images_are_named_and_counted_in_every_split(tmp_path, caplog, cache):
+  """Every planted file is named in the log and counted: left out when the split is read
+  (no image header; with the cache, not decodable either) or given weight/mask 0 in its slot."""
+  _write_folder(tmp_path, {'train': TRAIN_SIZES, 'test': TEST_SIZES})
+  planted = _plant_corrupt_files(tmp_path)
+  config = _config(tmp_path, cache=cache, batch=4, batch_eval=4)
+  config.pp.train_ops = config.pp.test_ops = 'decode|value_range(-1,1)'
+  caplog.set_level('WARNING')
+  info = data.get_dataset_info(config)
+  left_out = 2 if cache else 1  # The truncated PNG has a header: only decoding finds it.
+  assert (info.num_train_corrupt, info.num_test_corrupt) == (left_out, left_out)
+  in_stream = len(planted['train']) - left_out
+  assert info.num_train == sum(TRAIN_SIZES) + in_stream
+  ship = CLASSES.index('ship')
+  assert info.train_class_counts == [n + in_stream * (c == ship) for c, n in
+                                     enumerate(TRAIN_SIZES)]
+  train.write_run_files(config, str(tmp_path / 'workdir'), info)
+  saved = json.loads((tmp_path / 'workdir' / 'dataset_info.json').read_text())
+  assert (saved['num_train_corrupt'], saved['num_test_corrupt']) == (left_out, left_out)
+
+  epoch = _take(data.get_train_data(config, process_count=1, process_index=0),
+                -(-info.num_train // 4))
+  weights = np.concatenate([b['weight'] for b in epoch])[:info.num_train]
+  assert (weights == 0).sum() == in_stream and weights.sum() == sum(TRAIN_SIZES)
+  batches = list(data.get_eval_data(config, process_count=1, process_index=0))
+  masks = np.concatenate([b['mask'] for b in batches])
+  assert masks.sum() == sum(TEST_SIZES) and info.num_test == sum(TEST_SIZES) + in_stream
+
+  log = '\n'.join(r.getMessage() for r in caplog.records)
+  for split in ('train', 'test'):
+    for name in planted[split]:
+      assert f'{split}/{"cat" if name.startswith("garbage") else "ship"}/{name}' in log
+    counted = re.findall(rf'Left out (\d+) of the \d+ images of .* split {split}: ', log)
+    assert sum(map(int, counted)) == left_out
+  assert log.count('Cannot decode or preprocess the image of') == 2 * in_stream
+  assert ('In all, 1 image(s) of this pass failed' in log) == (in_stream == 1)  # The eval.
+  with pytest.raises(ValueError, match='garbage.jpg'):
+    data.get_dataset_info(_config(tmp_path, cache=cache, on_corrupt_image='error'))
+
+
+def test_one_batch_check_covers_processes_devices_and_micro_batches(image_folder):
+  """parallel.check_batch_size: the host share, or an error naming what the batch splits over."""
+  devices = jax.device_count()
+  assert parallel.check_batch_size(12 * devices, 'batch', process_count=3) == 4 * devices
+  with pytest.raises(ValueError, match=r'config.batch=6 must be a positive multiple of 4,.* '
+                     r'config.accum_steps=4'):
+    parallel.check_batch_size(6, 'batch', accum_steps=4, process_count=1)
+  with pytest.raises(ValueError, match='config.batch=0 must be a positive multiple'):
+    data.get_train_data(_config(image_folder[0], batch=0), process_index=0, process_count=1)

@@ -1,13 +1,15 @@
 """Streaming tfds splits: a small dataset written here in 3 record files, forced to stream."""
 import io
+import re
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from conftest import SHARED_DATA
 from vit_jax_ft import data, defaults
-from vit_jax_ft.data import tfds_source
+from vit_jax_ft.data import sources, tfds_source
 
 NUM_TRAIN, NUM_TEST = 96, 11
 CORRUPT = 7  # The training example whose image the `corrupt` config breaks.
@@ -24,13 +26,25 @@ def _photos(n: int) -> np.ndarray:
 
 PHOTOS = _photos(NUM_TRAIN + NUM_TEST)
 LABELS = np.arange(NUM_TRAIN + NUM_TEST) % 3
+# What the `planted` config breaks, in both splits: an image without a header, a truncated PNG.
+PLANTED = {20: 'garbage', 7: 'truncated', NUM_TRAIN + 3: 'garbage', NUM_TRAIN + 5: 'truncated'}
+
+
+def _planted(i: int) -> io.BytesIO:
+  if PLANTED[i] == 'garbage':
+    return io.BytesIO(b'not an image at all' * 4)
+  png = io.BytesIO()
+  Image.fromarray(PHOTOS[i]).save(png, 'PNG')
+  return io.BytesIO(png.getvalue()[:len(png.getvalue()) // 2])
 
 
 class VitJaxFtTinyPhotos(tfds.core.GeneratorBasedBuilder):
-  """107 photos (96 train, 11 test) in 3 record files per split; `corrupt` breaks one image."""
+  """107 photos (96 train, 11 test) in 3 record files per split; `corrupt` breaks one image,
+  `planted` those of PLANTED."""
   VERSION = tfds.core.Version('1.0.0')
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='clean'),
-                     tfds.core.BuilderConfig(name='corrupt')]
+                     tfds.core.BuilderConfig(name='corrupt'),
+                     tfds.core.BuilderConfig(name='planted')]
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -47,13 +61,15 @@ class VitJaxFtTinyPhotos(tfds.core.GeneratorBasedBuilder):
       image = PHOTOS[i]
       if self.builder_config.name == 'corrupt' and i == CORRUPT:
         image = io.BytesIO(PNG_HEADER + b'not the rest of a png' * 4)
+      if self.builder_config.name == 'planted' and i in PLANTED:
+        image = _planted(i)
       yield i, {'image': image, 'label': LABELS[i]}
 
 
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp('tfds_stream'))
-  for name in ('clean', 'corrupt'):
+  for name in ('clean', 'corrupt', 'planted'):
     tfds.builder(f'vit_jax_ft_tiny_photos/{name}', data_dir=data_dir).download_and_prepare(
         download_config=tfds.download.DownloadConfig(num_shards=3))
   return data_dir
@@ -216,3 +232,42 @@ def test_real_fashion_mnist_streams(fashion_mnist_tfds_dir):
   np.testing.assert_array_equal(batch['label'], expected['label'].numpy())
   train = next(data.get_train_data(config, process_index=0, process_count=1))
   assert train['image'].shape == (4, 28, 28, 3) and (train['weight'] == 1).all()
+
+
+@pytest.mark.parametrize('mode', ['memory', 'cache', 'stream'])
+def test_corrupt_records_are_named_and_counted_in_every_mode(tfds_dir, caplog, mode):
+  """Each planted image is left out when the split is read into memory (no header; with the
+  cache, not decodable either), or named when it fails to decode, with weight or mask 0."""
+  config = _identity(_config(tfds_dir, 'planted', cache=mode == 'cache',
+                             stream_threshold_gb=0.0 if mode == 'stream' else 10.0))
+  caplog.set_level('WARNING')
+  sources._load.cache_clear()  # Read the split afresh: its warnings are logged once per process.
+  info = data.get_dataset_info(config)
+  left_out = {'memory': 1, 'cache': 2, 'stream': None}[mode]  # None: unknown before reading.
+  assert (info.num_train_corrupt, info.num_test_corrupt) == (left_out, left_out)
+  in_stream = 2 - (left_out or 0)
+  assert info.num_train == NUM_TRAIN - (left_out or 0)
+  assert info.num_test == NUM_TEST - (left_out or 0)
+
+  epoch = _train(config, -(-info.num_train // config.batch))
+  weights = np.concatenate([b['weight'] for b in epoch])[:info.num_train]
+  seen = np.concatenate([_indices(b['image']) for b in epoch])[:info.num_train]
+  assert (weights == 0).sum() == in_stream
+  assert sorted(seen[weights > 0]) == sorted(set(range(NUM_TRAIN)) - set(PLANTED))
+  batches = list(data.get_eval_data(config, process_index=0, process_count=1))
+  masks = np.concatenate([b['mask'] for b in batches])
+  seen = np.concatenate([_indices(b['image']) for b in batches])
+  assert sorted(seen[masks > 0]) == sorted(set(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST)) -
+                                           set(PLANTED))
+  assert (masks == 0).sum() - (len(masks) - info.num_test) == in_stream  # Not padding.
+
+  log = '\n'.join(r.getMessage() for r in caplog.records)
+  for split in ('train', 'test'):
+    counted = re.findall(rf'Left out (\d+) of the \d+ images of .* split {split}: ', log)
+    assert sum(map(int, counted)) == (left_out or 0)
+  named = [n for names in re.findall(r'Cannot decode or preprocess the image of (.*?); ', log)
+           for n in names.split(', ')]
+  assert len(named) == 2 * in_stream
+  if mode == 'stream':
+    assert sorted(re.sub(r'.*tiny_photos-(\w+)\.tfrecord.*', r'\1', n) for n in named) == [
+        'test', 'test', 'train', 'train']

@@ -1,7 +1,8 @@
 """Data parallelism over every device of every host: one mesh axis, batches split along it."""
 import collections
 import itertools
-from typing import Any, Dict, Iterable, Iterator
+import math
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -25,11 +26,20 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, name: str) -> None:
-  """The global batch must split evenly over processes and devices."""
-  if global_batch % jax.device_count():
-    raise ValueError(f'config.{name}={global_batch} is not divisible by the '
-                     f'{jax.device_count()} devices; choose a multiple.')
+def check_batch_size(global_batch: int, name: str, accum_steps: int = 1,
+                     process_count: Optional[int] = None) -> int:
+  """This process's share of `config.<name>`, which must split over processes and devices.
+
+  With `accum_steps`, every device's part must also split into that many micro-batches.
+  """
+  process_count = jax.process_count() if process_count is None else process_count
+  multiple = math.lcm(process_count, jax.device_count() * accum_steps)
+  if global_batch <= 0 or global_batch % multiple:
+    micro = f' x config.accum_steps={accum_steps}' if accum_steps > 1 else ''
+    raise ValueError(f'config.{name}={global_batch} must be a positive multiple of {multiple}, '
+                     f'to split over the {process_count} processes and the '
+                     f'{jax.device_count()} devices{micro}; choose a multiple.')
+  return global_batch // process_count
 
 
 def to_global(mesh: Mesh, local_batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:

@@ -283,10 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Fine-tunes `config.model_name` on `config.dataset`; returns the final test metrics."""
   started = time.time()
   mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.batch, 'batch', config.accum_steps)
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
-  if config.batch % (jax.device_count() * config.accum_steps):
-    raise ValueError(f'config.batch={config.batch} must be divisible by devices '
-                     f'({jax.device_count()}) x accum_steps ({config.accum_steps}).')
   info = data.get_dataset_info(config)
   write_run_files(config, workdir, info)
   model = build_model(config, info.num_classes)

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vit_jax_ft import data, defaults
-from vit_jax_ft.data import folder, tfds_source
+from vit_jax_ft.data import folder, sources, tfds_source
 
 _CONFIG = config_flags.DEFINE_config_file('config', defaults.__file__,
                                           'Config file (`file.py:args`); override keys with '
@@ -28,11 +28,15 @@ def main(argv):
   info = data.get_dataset_info(config)
   print(f'dataset {config.dataset}: {info.num_classes} classes, train {config.pp.train!r} '
         f'{info.num_train} per epoch, test {config.pp.test!r} {info.num_test}')
+  for split, corrupt in ((config.pp.train, info.num_train_corrupt),
+                         (config.pp.test, info.num_test_corrupt)):
+    if corrupt:
+      print(f'{split!r}: {corrupt} images left out as corrupt (named in the log)')
   unknown = ['?'] * info.num_classes  # Streamed splits: counting would read all of them.
   train_counts = info.train_class_counts or unknown
   test_counts = unknown
   if not data.streams(config, config.pp.test):
-    test = data.load_split(config, config.pp.test)
+    test = sources.get_source(config, config.pp.test, train=False).examples
     test_counts = data.class_counts(test.labels, info.num_classes)
   print(f'{"class":>5s}  {"name":24s} {"train":>8s} {"test":>8s}')
   for c, name in enumerate(info.class_names):

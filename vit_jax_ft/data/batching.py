@@ -19,14 +19,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 _BATCHES_IN_FLIGHT = 2
 
 
-def host_batch_size(global_batch: int, process_count: int, name: str) -> int:
-  """This host's share of a global batch."""
-  if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(f'config.{name}={global_batch} must be a positive multiple of the '
-                     f'{process_count} processes.')
-  return global_batch // process_count
-
-
 def with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Deterministic order whatever the parallelism; autotuned buffers."""
   options = tf.data.Options()
@@ -116,3 +108,6 @@ def numpy_batches(ds: tf.data.Dataset, carry: Tuple[str, ...], failures: DecodeF
     ok = batch.pop('ok')
     batch[ok_key] = ok if weight_of is None else ok * weight_of(carried)
     yield batch
+  if failures.count:  # A finite pass (an evaluation) ended.
+    logging.warning('In all, %d image(s) of this pass failed to decode or preprocess.',
+                    failures.count)

@@ -1,8 +1,8 @@
 """Image folders: `ROOT/{train,val,test}/CLASS/*` or one `ROOT/CLASS/*` split by a seeded fraction.
 
 Splits accept tfds-style slicing (`train[:90%]`, `train[100:]`) over a seeded order of
-the files. Files that are not JPEG, PNG, BMP or GIF by their first bytes are skipped
-and counted, or stop the run naming the file.
+the files. Files that are not JPEG, PNG, BMP or GIF by their first bytes are left out,
+named and counted (`Examples.keep`), or stop the run naming the file.
 """
 import concurrent.futures
 import os
@@ -13,10 +13,9 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from vit_jax_ft.data.examples import Examples
+from vit_jax_ft.data import examples
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM')
 _SPLIT = re.compile(r'^(\w+)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$')
 _ORDER_SEED = 1234  # Fixed: slices of a split stay complementary whatever config.seed is.
 
@@ -34,10 +33,9 @@ def _class_dirs(directory: str) -> List[str]:
 def _is_image(path: str) -> bool:
   try:
     with tf.io.gfile.GFile(path, 'rb') as f:
-      head = f.read(8)
+      return examples.is_image(f.read(8))
   except (OSError, tf.errors.OpError):
     return False
-  return head.startswith(_MAGIC)
 
 
 def _list_class(directory: str, class_name: str) -> List[str]:
@@ -76,7 +74,7 @@ def split_names(root: str) -> List[str]:
 
 
 def load_split(root: str, split: str, test_fraction: float = 0.2, split_seed: int = 0,
-               on_corrupt: str = 'skip') -> Examples:
+               on_corrupt: str = 'skip') -> examples.Examples:
   """The files of `split` with labels; class names come from the train folder."""
   name, bounds = _parse_split(split)
   if name not in split_names(root):
@@ -92,11 +90,15 @@ def load_split(root: str, split: str, test_fraction: float = 0.2, split_seed: in
     paths, labels = _one_level(root, name, class_names, test_fraction, split_seed)
   order = np.random.default_rng([_ORDER_SEED, split_seed]).permutation(len(paths))
   order = order[_slice(len(paths), bounds)]
-  paths, labels = [paths[i] for i in order], labels[order]
-  paths, labels = _drop_unreadable(paths, labels, on_corrupt)
-  logging.info('Folder %s split %s: %d images, %d classes', root, split, len(paths),
+  paths = np.array(paths, dtype=object)[order]
+  split_examples = examples.Examples(paths, labels[order], class_names, is_path=True, names=paths)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    ok = np.array(list(pool.map(_is_image, paths)), bool)
+  split_examples = split_examples.keep(ok, 'are not images (by their first bytes)', on_corrupt,
+                                       f'{root} split {split}')
+  logging.info('Folder %s split %s: %d images, %d classes', root, split, len(split_examples),
                len(class_names))
-  return Examples(np.array(paths, dtype=object), labels, class_names, is_path=True)
+  return split_examples
 
 
 def _two_level(root: str, name: str, class_names: List[str]) -> Tuple[List[str], np.ndarray]:
@@ -131,18 +133,3 @@ def _one_level(root: str, name: str, class_names: List[str], test_fraction: floa
     paths += chosen
     labels += [label] * len(chosen)
   return paths, np.array(labels, np.int64)
-
-
-def _drop_unreadable(paths: List[str], labels: np.ndarray,
-                     on_corrupt: str) -> Tuple[List[str], np.ndarray]:
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    ok = np.array(list(pool.map(_is_image, paths)), bool)
-  if ok.all():
-    return paths, labels
-  bad = [p for p, good in zip(paths, ok) if not good]
-  if on_corrupt == 'error':
-    raise ValueError(f'{len(bad)} unreadable or non-image file(s), first: {bad[0]}. Remove '
-                     "them or set config.on_corrupt_image='skip'.")
-  logging.warning('Skipped %d unreadable or non-image file(s): %s%s', len(bad),
-                  ', '.join(bad[:5]), ' ...' if len(bad) > 5 else '')
-  return [p for p, good in zip(paths, ok) if good], labels[ok]

@@ -1,93 +1,108 @@
-"""tf.data pipelines over in-memory splits: each host decodes only its share of each global batch.
+"""The one data path: a split's records ─► decoded, augmented images in their slots ─► host batches.
 
-Stream position `g` (the g-th example of the run, over all hosts) fixes both the example
-(`TrainOrder.indices`) and its augmentation seed `(seed, g)`, so a run resumed at
-step k, or spread over another number of hosts, sees the same global batches.
+  info = data.get_dataset_info(config)
+  train_iter = data.get_train_data(config, start_step=step)   # infinite, resumable
+  eval_iter = data.get_eval_data(config)                      # padded, `mask` marks real examples
+
+`sources.get_source` says where a split's records come from (held in memory or
+streamed from its files) and which records make up this host's part of each global
+batch; everything after that is the same for every source: each record is read and
+decoded, augmented with a seed from its stream position, and put in its batch slot
+(`batching.decode_in_slots`), so an image that fails leaves a slot of weight or mask 0.
 """
-from typing import Callable, Iterator
+import dataclasses
+from typing import Iterator, List, Optional, Tuple
 
-import numpy as np
+import jax
+import ml_collections
 import tensorflow as tf
 
-from vit_jax_ft.data import batching, preprocess
-from vit_jax_ft.data.batching import AUTOTUNE, Batch
-from vit_jax_ft.data.examples import Examples
-from vit_jax_ft.data.sampling import TrainOrder
+from vit_jax_ft import parallel
+from vit_jax_ft.data import batching, preprocess, sources
+from vit_jax_ft.data.batching import Batch
 
 
-def cached_table(examples: Examples, decode: preprocess.Op, skip_corrupt: bool = True) -> Examples:
-  """The examples decoded once and kept as serialized uint8 tensors (config.cache)."""
-  ds = tf.data.Dataset.range(len(examples)).map(
-      lambda i: (i, tf.io.serialize_tensor(decode(examples.read(i), None))),
-      num_parallel_calls=AUTOTUNE)
-  if skip_corrupt:
-    ds = ds.ignore_errors(log_warning=True)
-  index, data = map(np.concatenate, zip(*ds.batch(1024).as_numpy_iterator()))
-  return Examples(data.astype(object), examples.labels[index], examples.class_names)
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the logs need to know about the data actually used."""
+  num_classes: int
+  class_names: List[str]
+  num_train: int  # Examples per epoch after split, fraction, per-class and rebalancing.
+  num_test: int
+  train_class_counts: Optional[List[int]]  # Per class, per epoch; None when streamed.
+  # Images left out of each split when it was read: not images by their first bytes, or
+  # (config.cache) not decodable; each is named in the log. None when streamed. Images that
+  # fail only when decoded during the run are named and counted in the log as they come.
+  num_train_corrupt: Optional[int] = None
+  num_test_corrupt: Optional[int] = None
 
 
-def _decoded(decode: preprocess.Op, cached: bool) -> Callable[[tf.Tensor], tf.Tensor]:
-  if cached:
-    return lambda data: tf.ensure_shape(tf.io.parse_tensor(data, tf.uint8), [None, None, 3])
-  return lambda data: decode(data, None)
+def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Classes and example counts of the training stream and the test split."""
+  train = sources.get_source(config, config.pp.train, train=True)
+  test = sources.get_source(config, config.pp.test, train=False)
+  return DatasetInfo(num_classes=len(train.class_names), class_names=train.class_names,
+                     num_train=train.epoch_size(jax.process_count()),
+                     num_test=test.num_examples, train_class_counts=train.class_counts,
+                     num_train_corrupt=train.num_corrupt, num_test_corrupt=test.num_corrupt)
 
 
-def _loader(examples: Examples, ops: str, cached: bool, seed: int
-            ) -> Callable[[dict], dict]:
-  """Source {'index', 'position'} to {'image', 'label'}; augmentation seeded by position."""
-  decode, augment = preprocess.build(ops)
-  read = _decoded(decode, cached)
-  labels = tf.constant(examples.labels, tf.int32)
-
-  def load(source):
-    image = augment(read(examples.read(source['index'])),
-                    tf.stack([tf.constant(seed, tf.int64), source['position']]))
-    return {'image': image, 'label': tf.gather(labels, source['index'])}
-  return load
+def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  return process_index, process_count
 
 
-def train_batches(examples: Examples, order: TrainOrder, ops: str, *, seed: int,
-                  global_batch: int, start_step: int, process_index: int,
-                  process_count: int, cached: bool = False, on_corrupt: str = 'skip',
-                  prefetch: int = 2) -> Iterator[Batch]:
-  """Infinite iterator of this host's part of each global batch, from `start_step` on.
+def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
+                   process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Infinite iterator of this host's numpy batches: image, label, weight; resumable.
 
   `weight` is the example's loss weight: its class weight (`balance='loss_weights'`)
   or 1, and 0 where its image failed to decode.
   """
-  local = batching.host_batch_size(global_batch, process_count, 'batch')
-
-  def sources():
-    step = start_step
-    while True:
-      g = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
-      yield {'index': order.indices(g), 'position': g}
-      step += 1
-
-  spec = {'index': tf.TensorSpec([local], tf.int64), 'position': tf.TensorSpec([local], tf.int64)}
-  ds = tf.data.Dataset.from_generator(sources, output_signature=spec)
-  ds = batching.decode_in_slots(ds, _loader(examples, ops, cached, seed), local, ('index',))
-  ds = batching.with_options(ds.prefetch(max(prefetch, 1)))
-  class_weights = order.weights(np.arange(len(examples)))
-  return batching.numpy_batches(
-      ds, ('index',), batching.DecodeFailures(on_corrupt, 'its weight is 0 in its batch'),
-      lambda carried, slot: examples.name(carried['index'][slot]), 'weight',
-      None if class_weights is None else lambda carried: class_weights[carried['index']])
+  process_index, process_count = _processes(process_index, process_count)
+  local = parallel.check_batch_size(config.batch, 'batch', process_count=process_count)
+  source = sources.get_source(config, config.pp.train, train=True)
+  records = source.train_records(start_step, config.batch, process_index, process_count)
+  return _host_batches(config, source, records, local, train=True)
 
 
-def eval_batches(examples: Examples, ops: str, *, global_batch: int, process_index: int,
-                 process_count: int, cached: bool = False, on_corrupt: str = 'skip',
-                 prefetch: int = 2) -> Iterator[Batch]:
-  """This host's part of each padded global eval batch; `mask` is 0 on padding."""
-  local = batching.host_batch_size(global_batch, process_count, 'batch_eval')
-  num_batches = -(-len(examples) // global_batch)
-  starts = np.arange(num_batches) * global_batch + process_index * local
-  index = starts[:, None] + np.arange(local)
-  count = np.clip(len(examples) - starts, 0, local)  # Real examples lead each host batch.
-  ds = tf.data.Dataset.from_tensor_slices((index, count)).map(
-      lambda i, n: {'index': i[:n], 'position': tf.zeros_like(i[:n])})
-  ds = batching.decode_in_slots(ds, _loader(examples, ops, cached, seed=0), local, ('index',))
-  ds = batching.with_options(ds.prefetch(max(prefetch, 1)))
-  return batching.numpy_batches(
-      ds, ('index',), batching.DecodeFailures(on_corrupt, 'it is left out of the evaluation'),
-      lambda carried, slot: examples.name(carried['index'][slot]), 'mask')
+def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Finite iterator of this host's part of padded global eval batches (image, label, mask).
+
+  Every host yields the same number of batches; over all hosts each example of the
+  split comes out once with mask 1 (0 where its image failed to decode).
+  """
+  process_index, process_count = _processes(process_index, process_count)
+  local = parallel.check_batch_size(config.batch_eval, 'batch_eval',
+                                    process_count=process_count)
+  split = split or config.pp.test
+  source = sources.get_source(config, split, train=False)
+  records = source.eval_records(config.batch_eval, process_index, process_count)
+  return _host_batches(config, source, records, local, train=False)
+
+
+def _host_batches(config: ml_collections.ConfigDict, source: sources.Source,
+                  records: tf.data.Dataset, local: int, train: bool) -> Iterator[Batch]:
+  """Batches of up to `local` records to numpy batches of `local` examples in their slots."""
+  decode, augment = preprocess.build(preprocess.default_ops(config.pp, train))
+  seed = config.seed if train else 0
+
+  def load(record):
+    image, label = source.read(record, decode)
+    image = augment(image, tf.stack([tf.constant(seed, tf.int64), record['position']]))
+    return {'image': image, 'label': label}
+
+  ds = batching.decode_in_slots(records, load, local, source.carry)
+  ds = batching.with_options(ds.prefetch(max(config.prefetch, 1)))
+  failures = batching.DecodeFailures(
+      config.on_corrupt_image,
+      'its weight is 0 in its batch' if train else 'it is left out of the evaluation')
+  return batching.numpy_batches(ds, source.carry, failures, source.name,
+                                'weight' if train else 'mask',
+                                source.weights())

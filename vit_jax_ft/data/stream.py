@@ -8,19 +8,19 @@ records of the current epoch before it. Augmentation is seeded by the example's
 global stream position, as in memory; unlike the in-memory path, which examples make
 up a global batch depends on the number of hosts.
 """
-from typing import Callable, Dict, Iterator, List
+import dataclasses
+from typing import Dict, List, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax_ft.data import batching, preprocess, tfds_source
-from vit_jax_ft.data.batching import AUTOTUNE, Batch
+from vit_jax_ft.data.batching import AUTOTUNE
 
 FileInstruction = tfds.core.utils.shard_utils.FileInstruction
 _FILES_AT_ONCE = 16  # Files read in parallel (tfds' default interleave cycle).
 _READ_BUFFER_BYTES = 8 << 20
-_CARRY = ('file', 'offset')  # Which record a source is: names a failed image.
 
 
 def host_files(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
@@ -30,13 +30,8 @@ def host_files(builder: tfds.core.DatasetBuilder, split: str, process_index: int
   return tfds_source.split_info(builder, host_split[process_index]).file_instructions
 
 
-def epoch_size(builder: tfds.core.DatasetBuilder, split: str, process_count: int) -> int:
-  """Training examples per epoch over all hosts: each reads `num_examples // hosts`."""
-  return process_count * (tfds_source.split_info(builder, split).num_examples // process_count)
-
-
 def _records(files: List[FileInstruction], order: tf.Tensor) -> tf.data.Dataset:
-  """Encoded records of `files` (visited in `order`, read interleaved), with where they are."""
+  """Encoded records of `files` (visited in `order`, read interleaved), with file and offset."""
   names = tf.constant([f.filename for f in files], tf.string)
   skips = tf.constant([f.skip for f in files], tf.int64)
   takes = tf.constant([f.take for f in files], tf.int64)
@@ -45,7 +40,7 @@ def _records(files: List[FileInstruction], order: tf.Tensor) -> tf.data.Dataset:
     records = tf.data.TFRecordDataset(names[file], buffer_size=_READ_BUFFER_BYTES)
     return tf.data.Dataset.zip({
         'record': records.skip(skips[file]).take(takes[file]),
-        'file': tf.data.Dataset.from_tensors(tf.cast(file, tf.int32)).repeat(),
+        'file': tf.data.Dataset.from_tensors(names[file]).repeat(),
         'offset': tf.data.Dataset.range(skips[file], skips[file] + takes[file])})
 
   return tf.data.Dataset.from_tensor_slices(order).interleave(
@@ -64,78 +59,82 @@ def _epoch_records(files: List[FileInstruction], seed: int, process_index: int,
                                         reshuffle_each_iteration=False)
 
 
-def _loader(builder: tfds.core.DatasetBuilder, ops: str, seed: int
-            ) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
-  """Source {'record', 'position'} to {'image', 'label'}; augmentation seeded by position."""
-  decode, augment = preprocess.build(ops)
-  features = builder.info.features
+@dataclasses.dataclass(frozen=True, eq=False)
+class Streamed:
+  """Records of a tfds split read from its files: {'record', 'file', 'offset', 'position'}."""
+  builder: tfds.core.DatasetBuilder
+  split: str
+  seed: int = 0  # Of the file order and the shuffle buffer.
+  shuffle_buffer: int = 1
+  carry: Tuple[str, ...] = ('file', 'offset')  # Which record it is: names a failed image.
+  class_counts = None  # Unknown without reading the whole split.
+  num_corrupt = None  # Bad images are found only when decoded.
 
-  def load(source):
-    example = features.deserialize_example(source['record'],
-                                           decoders={'image': tfds.decode.SkipDecoding()})
-    image = augment(decode(example['image'], None),
-                    tf.stack([tf.constant(seed, tf.int64), source['position']]))
-    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
-  return load
+  @property
+  def class_names(self) -> List[str]:
+    return tfds_source.class_names(self.builder)
 
+  @property
+  def num_examples(self) -> int:
+    return tfds_source.split_info(self.builder, self.split).num_examples
 
-def _name_of(files: List[FileInstruction]) -> Callable[[Dict[str, np.ndarray], int], str]:
-  return lambda carried, slot: (f'record {carried["offset"][slot]} of '
-                                f'{files[carried["file"][slot]].filename}')
+  def epoch_size(self, process_count: int) -> int:
+    """Training examples per epoch over all hosts: each reads `num_examples // hosts`."""
+    return process_count * (self.num_examples // process_count)
 
+  def train_records(self, start_step: int, global_batch: int, process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+    """This host's part of each global batch from `start_step` on, forever.
 
-def train_batches(builder: tfds.core.DatasetBuilder, split: str, ops: str, *, seed: int,
-                  global_batch: int, start_step: int, process_index: int, process_count: int,
-                  shuffle_buffer: int, on_corrupt: str = 'skip', prefetch: int = 2
-                  ) -> Iterator[Batch]:
-  """Infinite iterator of this host's part of each global batch, from `start_step` on.
+    Records before `start_step` in its epoch are read, but neither parsed nor decoded.
+    """
+    local = global_batch // process_count
+    files = host_files(self.builder, self.split, process_index, process_count,
+                       drop_remainder=True)
+    per_epoch = sum(f.take for f in files)
+    if not per_epoch:
+      raise ValueError(f'Split {self.split!r} of {self.builder.name!r} has fewer examples than '
+                       f'the {process_count} processes.')
+    first = start_step * local  # This host's stream position of the first example wanted.
+    first_epoch, skipped = divmod(first, per_epoch)
+    records = tf.data.Dataset.counter(first_epoch).flat_map(
+        lambda epoch: _epoch_records(files, self.seed, process_index, self.shuffle_buffer,
+                                     epoch))
+    records = records.skip(skipped)
 
-  `weight` is 1, or 0 where the image failed to decode.
-  """
-  local = batching.host_batch_size(global_batch, process_count, 'batch')
-  files = host_files(builder, split, process_index, process_count, drop_remainder=True)
-  per_epoch = sum(f.take for f in files)
-  if not per_epoch:
-    raise ValueError(f'Split {split!r} of {builder.name!r} has fewer examples than the '
-                     f'{process_count} processes.')
-  first = start_step * local  # This host's stream position of the first example wanted.
-  first_epoch, skipped = divmod(first, per_epoch)
-  records = tf.data.Dataset.counter(first_epoch).flat_map(
-      lambda epoch: _epoch_records(files, seed, process_index, shuffle_buffer, epoch))
-  records = records.skip(skipped)  # Reads, but neither parses nor decodes.
+    def with_position(host_position, record):
+      step, slot = host_position // local, host_position % local
+      return {**record, 'position': step * global_batch + process_index * local + slot}
 
-  def with_position(host_position, source):
-    step, slot = host_position // local, host_position % local
-    return {**source, 'position': step * global_batch + process_index * local + slot}
+    return tf.data.Dataset.zip(tf.data.Dataset.counter(first), records).map(
+        with_position).batch(local, drop_remainder=True)
 
-  sources = tf.data.Dataset.zip(tf.data.Dataset.counter(first), records).map(with_position)
-  ds = batching.decode_in_slots(sources.batch(local, drop_remainder=True),
-                                _loader(builder, ops, seed), local, _CARRY)
-  ds = batching.with_options(ds.prefetch(max(prefetch, 1)))
-  return batching.numpy_batches(
-      ds, _CARRY, batching.DecodeFailures(on_corrupt, 'its weight is 0 in its batch'),
-      _name_of(files), 'weight')
+  def eval_records(self, global_batch: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+    """This host's slice of the split in file order, in as many batches as every host has.
 
+    Batches after the slice's last record are short or empty (padding).
+    """
+    local = global_batch // process_count
+    largest_share = -(-self.num_examples // process_count)
+    files = host_files(self.builder, self.split, process_index, process_count,
+                       drop_remainder=False)
+    records = _records(files, tf.range(len(files))).map(
+        lambda record: {**record, 'position': tf.constant(0, tf.int64)})
+    padding = {k: batching.empty(s) for k, s in records.element_spec.items()}
+    return records.batch(local).concatenate(
+        tf.data.Dataset.from_tensors(padding).repeat()).take(-(-largest_share // local))
 
-def eval_batches(builder: tfds.core.DatasetBuilder, split: str, ops: str, *, global_batch: int,
-                 process_index: int, process_count: int, on_corrupt: str = 'skip',
-                 prefetch: int = 2) -> Iterator[Batch]:
-  """This host's part of each padded global eval batch; `mask` is 0 on padding.
+  def read(self, record: Dict[str, tf.Tensor], decode: preprocess.Op
+           ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The (uint8 image, label) of a record."""
+    example = self.builder.info.features.deserialize_example(
+        record['record'], decoders={'image': tfds.decode.SkipDecoding()})
+    return decode(example['image'], None), tf.cast(example['label'], tf.int32)
 
-  Host `i` evaluates its own slice of the split, in file order; every host yields
-  the same number of batches, padded after its last example.
-  """
-  local = batching.host_batch_size(global_batch, process_count, 'batch_eval')
-  largest_share = -(-tfds_source.split_info(builder, split).num_examples // process_count)
-  num_batches = -(-largest_share // local)
-  files = host_files(builder, split, process_index, process_count, drop_remainder=False)
-  sources = _records(files, tf.range(len(files))).map(
-      lambda source: {**source, 'position': tf.constant(0, tf.int64)})
-  padding = {k: batching.empty(s) for k, s in sources.element_spec.items()}
-  sources = sources.batch(local).concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-  ds = batching.decode_in_slots(sources.take(num_batches), _loader(builder, ops, seed=0),
-                                local, _CARRY)
-  ds = batching.with_options(ds.prefetch(max(prefetch, 1)))
-  return batching.numpy_batches(
-      ds, _CARRY, batching.DecodeFailures(on_corrupt, 'it is left out of the evaluation'),
-      _name_of(files), 'mask')
+  def name(self, carried: Dict[str, np.ndarray], slot: int) -> str:
+    return f'record {carried["offset"][slot]} of {carried["file"][slot].decode()}'
+
+  def weights(self) -> None:
+    """Streamed splits have no class weights (they need every label)."""
+    return None

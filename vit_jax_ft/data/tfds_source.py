@@ -1,4 +1,8 @@
-"""tensorflow_datasets splits read into memory still encoded, and preparation that never hangs offline."""
+"""tfds splits read into memory still encoded, and preparation that never hangs offline.
+
+Records whose image is not an image by its first bytes are left out of a split read
+into memory, named and counted (`Examples.keep`).
+"""
 import os
 from typing import List, Optional
 
@@ -7,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax_ft.data.examples import Examples
+from vit_jax_ft.data import examples
 
 _READ_BATCH = 4096
 
@@ -93,7 +97,8 @@ def split_num_bytes(builder: tfds.core.DatasetBuilder, split: str) -> Optional[f
   return split_info(builder, split).num_examples * total_bytes / total_examples
 
 
-def load_split(builder: tfds.core.DatasetBuilder, split: str) -> Examples:
+def load_split(builder: tfds.core.DatasetBuilder, split: str, on_corrupt: str = 'skip'
+               ) -> examples.Examples:
   """All examples of `split` (slicing allowed) as encoded image bytes and labels."""
   names = class_names(builder)
   try:
@@ -113,4 +118,7 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> Examples:
   data = np.concatenate(data).astype(object)
   logging.info('Read %s[%s]: %d examples, %d classes, %.0f MB of encoded images held in memory',
                builder.name, split, len(data), len(names), sum(map(len, data)) / 2**20)
-  return Examples(data, np.concatenate(labels).astype(np.int64), names)
+  split_examples = examples.Examples(data, np.concatenate(labels).astype(np.int64), names)
+  ok = np.array([examples.is_image(image[:8]) for image in data], bool)
+  return split_examples.keep(ok, 'are not images (by their first bytes)', on_corrupt,
+                             f'{builder.name} split {split}')
