@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from flax import traverse_util
 from tensorflow.io import gfile
 
 from vit_jax_ft import models, parallel
@@ -61,6 +63,11 @@ def model_spec(model: nn.Module) -> Dict[str, Any]:
   return {'family': families[type(model)], **fields}
 
 
+def config_record(config: ml_collections.ConfigDict, model: nn.Module) -> Dict[str, Any]:
+  """What config.json holds: the resolved config and the spec of the model built from it."""
+  return dict(json.loads(config.to_json_best_effort()), **{MODEL_SPEC_KEY: model_spec(model)})
+
+
 def model_from_spec(spec: Dict[str, Any]) -> nn.Module:
   """Rebuilds the model `model_spec` described (JSON lists become tuples)."""
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()
@@ -93,22 +100,32 @@ def checkpoint_steps(workdir: str) -> List[int]:
 
 
 def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -> Any:
-  """The parameters of checkpoint `step`, replicated over this machine's devices."""
+  """The parameters of checkpoint `step`, replicated over this machine's devices; every
+  name and shape must be the model's."""
+  path = os.path.join(checkpoint_dir(workdir), str(step), _ORBAX_ITEM)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False)['params'])
+  try:
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree['params']
+  except (ValueError, KeyError, OSError) as e:
+    raise ValueError(f'Checkpoint {step} of {workdir} cannot be read ({type(e).__name__}: '
+                     f'{e}); choose another --step (complete: {checkpoint_steps(workdir)}).'
+                     ) from e
+  have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(stored, sep='/').items()}
+  want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
+  if have != want:
+    differ = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+    raise ValueError(
+        f'Checkpoint {step} of {workdir} does not fit {model.model_name or "the model"} at '
+        f'{image_size} px: {[(k, have.get(k), want.get(k)) for k in differ[:4]]} '
+        '(name, checkpoint shape, model shape). Was config.json edited or the model '
+        'registry changed since training?')
   sharding = parallel.replicated(parallel.create_mesh())
   target = {'params': jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
-  path = os.path.join(checkpoint_dir(workdir), str(step), _ORBAX_ITEM)
-  try:
-    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-  except (ValueError, KeyError, OSError) as e:
-    raise ValueError(
-        f'Checkpoint {step} of {workdir} does not fit {model.model_name or "the model"} at '
-        f'{image_size} px or cannot be read ({type(e).__name__}: {e}); choose another '
-        f'--step (complete ones: {checkpoint_steps(workdir)}).') from e
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
   return restored['params']
 
 

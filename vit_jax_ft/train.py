@@ -198,8 +198,7 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str,
     return
   gfile.makedirs(workdir)
   with gfile.GFile(os.path.join(workdir, run_dir.CONFIG_FILE), 'w') as f:
-    json.dump(dict(json.loads(config.to_json_best_effort()),
-                   **{run_dir.MODEL_SPEC_KEY: run_dir.model_spec(model)}), f, indent=2)
+    json.dump(run_dir.config_record(config, model), f, indent=2)
   with gfile.GFile(os.path.join(workdir, run_dir.DATASET_INFO_FILE), 'w') as f:
     json.dump(dataclasses.asdict(info), f, indent=2)
 
