@@ -131,6 +131,10 @@ def test_incomplete_checkpoints_and_bad_input(four_device_workdir, tmp_path):
   shutil.rmtree(checkpoints / '7' / 'default')
   with pytest.raises(ValueError, match=r'Checkpoint 7 .* cannot be read'):
     run_dir.load(str(workdir), step=7)
+  for data_file in (checkpoints / '3').glob('default/**/d/*'):
+    os.truncate(data_file, 10)  # As a full disk or a crash during the copy leaves them.
+  with pytest.raises(ValueError, match=r'Checkpoint 3 .* cannot be read.*complete: \[3, 7\]'):
+    run_dir.load(str(workdir), step=3)
   with pytest.raises(FileNotFoundError, match='not a training workdir'):
     run_dir.load(str(tmp_path / 'nothing'))
   shutil.rmtree(checkpoints)

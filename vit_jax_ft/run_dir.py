@@ -108,9 +108,7 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -
   try:
     stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree['params']
   except (ValueError, KeyError, OSError) as e:
-    raise ValueError(f'Checkpoint {step} of {workdir} cannot be read ({type(e).__name__}: '
-                     f'{e}); choose another --step (complete: {checkpoint_steps(workdir)}).'
-                     ) from e
+    raise _unreadable(workdir, step, e) from e
   have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(stored, sep='/').items()}
   want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
   if have != want:
@@ -123,10 +121,18 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -
   sharding = parallel.replicated(parallel.create_mesh())
   target = {'params': jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except; orbax raises bare Exception for bad data.
+    raise _unreadable(workdir, step, e) from e
   return restored['params']
+
+
+def _unreadable(workdir: str, step: int, error: Exception) -> ValueError:
+  return ValueError(f'Checkpoint {step} of {workdir} cannot be read ({type(error).__name__}: '
+                    f'{error}); choose another --step (complete: {checkpoint_steps(workdir)}).')
 
 
 def load(workdir: str, step: Optional[int] = None) -> Loaded:
