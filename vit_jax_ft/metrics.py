@@ -3,7 +3,8 @@
 The training loop and `python -m vit_jax_ft.evaluate` share `eval_step` and `evaluate`:
 each batch adds, on the devices, the confusion matrix, the top-5 hits and the loss of its
 real (unmasked) examples, so padding is never counted and memory does not grow with the
-split. Top-1, per-class accuracy and F1 are all read from the confusion matrix.
+split. Top-1, per-class accuracy and F1 are all read from the confusion matrix, which
+holds classes**2 int32 counts per device (4 MB for 1000 classes).
 """
 import dataclasses
 from typing import Any, Callable, Dict, Iterable
