@@ -15,7 +15,7 @@ from sklearn import metrics as skm
 
 import tiny_config
 from conftest import SHARED_DATA, random_params
-from vit_jax_ft import checkpoint, data, evaluate, linear_probe, predict, train
+from vit_jax_ft import checkpoint, data, evaluate, linear_probe, metrics, predict, train
 from vit_jax_ft.explain import curves
 from vit_jax_ft.models import get_model
 
@@ -54,6 +54,8 @@ def test_evaluate_model_counts_every_real_example_once(tiny_model):
   np.testing.assert_array_equal(result.confusion, skm.confusion_matrix(
       labels, predictions, labels=range(4)))
   assert result.summary()['top5'] == 1.0  # Four classes: always within the top 5.
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  assert result.loss == pytest.approx(-log_p[np.arange(21), labels].mean(), rel=1e-5)
   assert timing.batch_size == 8 and timing.repeats == 2
   assert 0 < timing.seconds_per_image < timing.seconds_per_batch
 
@@ -62,9 +64,8 @@ def test_report_files_agree_with_the_metrics(tmp_path):
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 3, 50)
   logits = rng.standard_normal((50, 3)) + 2 * np.eye(3)[labels]
-  result = evaluate.MetricsAccumulator(3)
-  result.update(logits, labels)
-  result = result.result()
+  result = metrics.ClassificationMetrics.from_sums(metrics.batch_sums(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.ones(50)))
   names = ['cat', 'dog', 'bird']
   timing = evaluate.Timing(batch_size=8, seconds_per_batch=0.04, repeats=3)
   report = evaluate.write_report(str(tmp_path), result, names, timing, {'split': 'test'})

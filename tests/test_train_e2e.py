@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from vit_jax_ft import train
+from vit_jax_ft import run_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,7 @@ def run_cli(workdir, dataset, *flags, check=True, env=None, **popen):
 
 
 def final_params(workdir):
-  _, _, params, _, _ = train.load_for_inference(str(workdir))
-  return params
+  return run_dir.load(str(workdir)).params
 
 
 def read_log(workdir, process=0) -> str:

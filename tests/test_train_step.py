@@ -75,20 +75,6 @@ def test_loss_weights_weight_each_example():
   np.testing.assert_allclose(weighted['grad_norm'], first4['grad_norm'], rtol=1e-4)
 
 
-def test_eval_step_counts_only_real_examples():
-  model, _, state, batch = tiny_setup(num_classes=7)
-  mask = np.array([1] * 10 + [0] * 6, np.float32)
-  sums = jax.jit(functools.partial(train.eval_step, model=model))(
-      state.params, dict(batch, mask=mask))
-  logits = np.asarray(model.apply({'params': state.params}, batch['image']))
-  order = np.argsort(-logits, axis=1)
-  real = mask > 0
-  assert float(sums['count']) == 10
-  assert float(sums['correct_top1']) == np.sum((order[:, 0] == batch['label'])[real])
-  top5 = np.any(order[:, :5] == batch['label'][:, None], axis=1)
-  assert float(sums['correct_top5']) == np.sum(top5[real])
-
-
 EIGHT_DEVICE_SCRIPT = '''
 import functools, jax, numpy as np
 from jax.sharding import Mesh

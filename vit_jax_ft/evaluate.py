@@ -15,6 +15,8 @@ classifier on frozen features (1, 5, 10, 25 images per class; 0 = all).
 """
 import csv
 import dataclasses
+import functools
+import itertools
 import json
 import os
 import re
@@ -27,19 +29,18 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from clu import metric_writers
-from jax.experimental import multihost_utils
 from tensorflow.io import gfile
 
-from vit_jax_ft import data, defaults, linear_probe, parallel, predict
+from vit_jax_ft import data, defaults, linear_probe, metrics, parallel, predict, run_dir
 from vit_jax_ft.explain import figures
-from vit_jax_ft.metrics import ClassificationMetrics, MetricsAccumulator, f1_scores
+from vit_jax_ft.metrics import ClassificationMetrics, f1_scores
 
 FLAGS = flags.FLAGS
 
 
 @dataclasses.dataclass
 class Timing:
-  """Inference time of one global batch after compilation and a warm-up run."""
+  """Time of the evaluation step on one global batch after compilation and a warm-up run."""
 
   batch_size: int
   seconds_per_batch: float  # Median over `repeats` runs.
@@ -50,41 +51,39 @@ class Timing:
     return self.seconds_per_batch / self.batch_size
 
 
-def time_inference(logits_fn, params: Any, images: jax.Array, repeats: int) -> Timing:
-  """Median wall time of `logits_fn` on `images`, excluding compilation and warm-up."""
-  jax.block_until_ready(logits_fn(params, images))
+def time_inference(step_fn, params: Any, batch: Dict[str, jax.Array],
+                   repeats: int) -> Timing:
+  """Median wall time of `step_fn` on `batch`, excluding compilation and warm-up."""
+  jax.block_until_ready(step_fn(params, batch))
   seconds = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(logits_fn(params, images))
+    jax.block_until_ready(step_fn(params, batch))
     seconds.append(time.perf_counter() - start)
-  return Timing(len(images), float(np.median(seconds)), repeats)
+  return Timing(len(batch['image']), float(np.median(seconds)), repeats)
 
 
 def evaluate_model(model: nn.Module, params: Any, batches: Iterable[Dict[str, np.ndarray]],
-                   timing_repeats: int = 5
+                   timing_repeats: int = 5, prefetch: int = 2
                    ) -> Tuple[ClassificationMetrics, Optional[Timing]]:
-  """Metrics over every real example of padded `batches`, and the inference time.
+  """Metrics over every real example of padded `batches` (the training loop's evaluation
+  step and sums), and the time of that step on the first batch.
 
-  Batches are this host's parts of global batches (as `data.get_eval_data`
-  yields them); parameters are replicated and batches split over all devices.
+  Batches are this host's parts of global batches (as `data.get_eval_data` yields them);
+  parameters are replicated and batches split over all devices.
   """
+  batches = iter(batches)
+  first = next(batches, None)
+  if first is None:
+    raise ValueError('The evaluation split is empty.')
+  parallel.check_batch_size(len(first['image']) * jax.process_count(), 'batch_eval')
   mesh = parallel.create_mesh()
   params = parallel.replicate(mesh, params)
-  logits_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  accumulator = MetricsAccumulator(model.num_classes)
-  timing = None
-  for batch in batches:
-    parallel.check_batch_size(len(batch['image']) * jax.process_count(), 'batch_eval')
-    images = parallel.to_global(mesh, {'image': batch['image']})['image']
-    logits = logits_fn(params, images)
-    if timing is None and timing_repeats:
-      timing = time_inference(logits_fn, params, images, timing_repeats)
-    accumulator.update(*(multihost_utils.process_allgather(x, tiled=True) for x in
-                         (logits, batch['label'], batch['mask'])))
-  if not accumulator.confusion.sum():
-    raise ValueError('The evaluation split has no examples.')
-  return accumulator.result(), timing
+  eval_fn = jax.jit(functools.partial(metrics.eval_step, model=model))
+  timing = (time_inference(eval_fn, params, parallel.to_global(mesh, first), timing_repeats)
+            if timing_repeats else None)
+  result = metrics.evaluate(params, eval_fn, mesh, itertools.chain([first], batches), prefetch)
+  return result, timing
 
 
 def per_class_rows(result: ClassificationMetrics,
@@ -182,7 +181,7 @@ def default_output_dir(workdir: Optional[str], split: str, step: Optional[int]) 
                       f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_")}_step{step}')
 
 
-def run_linear_probe(loaded: predict.Loaded, config: ml_collections.ConfigDict,
+def run_linear_probe(loaded: run_dir.Loaded, config: ml_collections.ConfigDict,
                      shots: Sequence[int], l2_reg: float, seed: int) -> Dict[int, float]:
   """Few-shot accuracy of ridge probes on the frozen features of the train split."""
   train = linear_probe.extract_features(
@@ -237,7 +236,7 @@ def main(argv: List[str]) -> None:
                   {f'linear_probe/{split}/{k or "all"}_shot': v for k, v in accuracy.items()})
     return
   result, timing = evaluate_model(loaded.model, loaded.params, data.get_eval_data(config),
-                                  FLAGS.timing_repeats)
+                                  FLAGS.timing_repeats, config.prefetch)
   if jax.process_index() == 0:
     report = write_report(output_dir, result, loaded.class_names, timing, about)
     print(format_table(report))

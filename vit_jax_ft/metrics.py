@@ -1,35 +1,47 @@
-"""Classification metrics from logits, labels and padding masks (pure numpy).
+"""Classification metrics: the one evaluation step, its sums over a split, and the rates.
 
-Evaluation streams batches through `MetricsAccumulator`: it keeps a confusion
-matrix and top-k hit counts, so memory does not grow with the test split.
-Padded examples (mask 0) are never counted.
+The training loop and `python -m vit_jax_ft.evaluate` share `eval_step` and `evaluate`:
+each batch adds, on the devices, the confusion matrix, the top-5 hits and the loss of its
+real (unmasked) examples, so padding is never counted and memory does not grow with the
+split. Top-1, per-class accuracy and F1 are all read from the confusion matrix, which
+holds classes**2 int32 counts per device (4 MB for 1000 classes).
 """
 import dataclasses
-from typing import Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from vit_jax_ft import parallel
+
+Sums = Dict[str, jax.Array]
+
+# The k of the top-k accuracy besides top-1 (capped at the number of classes).
+TOP_K = 5
 
 
-def top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-  """Whether each label is among the `k` highest logits (k is capped at the class count)."""
-  logits, labels = np.asarray(logits), np.asarray(labels)
-  k = min(k, logits.shape[-1])
-  top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-  return np.any(top == labels[:, None], axis=-1)
+def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Sums:
+  """Sums over the examples with mask 1: count, loss, top-k hits, confusion counts."""
+  num_classes = logits.shape[-1]
+  real = mask.astype(jnp.int32)
+  top = jax.lax.top_k(logits, min(TOP_K, num_classes))[1]
+  hits = jnp.any(top == labels[:, None], axis=1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  # True classes on rows, predicted (top-1) on columns; labels outside the head are dropped,
+  # which `ClassificationMetrics.from_sums` reports.
+  confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, top[:, 0]].add(
+      real, mode='drop', wrap_negative_indices=False)
+  return {'count': jnp.sum(real), 'loss_sum': jnp.sum(mask * losses),
+          'correct_top5': jnp.sum(real * hits), 'confusion': confusion}
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
-                     mask: Optional[np.ndarray] = None) -> np.ndarray:
-  """Counts with true classes on rows and predicted classes on columns."""
-  labels, predictions = np.asarray(labels), np.asarray(predictions)
-  if mask is not None:
-    keep = np.asarray(mask).astype(bool)
-    labels, predictions = labels[keep], predictions[keep]
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f'Labels must lie in [0, {num_classes}); got {labels.min()}..'
-                     f'{labels.max()}. Is num_classes right for this dataset?')
-  counts = np.bincount(labels * num_classes + predictions, minlength=num_classes**2)
-  return counts.reshape(num_classes, num_classes).astype(np.int64)
+def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> Sums:
+  """`batch_sums` of the model's logits on a padded batch."""
+  logits = model.apply({'params': params}, batch['image'], train=False)
+  return batch_sums(logits, batch['label'], batch['mask'])
 
 
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
@@ -54,21 +66,38 @@ def macro_f1(confusion: np.ndarray) -> float:
 
 @dataclasses.dataclass
 class ClassificationMetrics:
-  """Counts of one evaluation and the rates derived from them."""
+  """The sums of one evaluation and the rates derived from them."""
 
-  confusion: np.ndarray
-  top_k_counts: Dict[int, int]
+  confusion: np.ndarray  # (classes, classes): true on rows, predicted on columns.
+  correct_top5: int
+  loss_sum: float
+
+  @classmethod
+  def from_sums(cls, sums: Sums) -> 'ClassificationMetrics':
+    """From the (device) sums of `batch_sums`; errors when a label fell outside the head."""
+    sums = jax.device_get(sums)
+    confusion = np.asarray(sums['confusion'], np.int64)
+    if confusion.sum() != sums['count']:
+      raise ValueError(
+          f'{int(sums["count"]) - confusion.sum()} labels lie outside [0, {len(confusion)}), '
+          'the classes of the model head. Is num_classes right for this dataset?')
+    return cls(confusion, int(sums['correct_top5']), float(sums['loss_sum']))
 
   @property
   def num_examples(self) -> int:
     return int(self.confusion.sum())
 
-  def top_k_accuracy(self, k: int) -> float:
-    return self.top_k_counts[k] / max(self.num_examples, 1)
-
   @property
   def top1(self) -> float:
     return float(np.trace(self.confusion)) / max(self.num_examples, 1)
+
+  @property
+  def top5(self) -> float:
+    return self.correct_top5 / max(self.num_examples, 1)
+
+  @property
+  def loss(self) -> float:
+    return self.loss_sum / max(self.num_examples, 1)
 
   @property
   def per_class_accuracy(self) -> np.ndarray:
@@ -80,34 +109,19 @@ class ClassificationMetrics:
 
   def summary(self) -> Dict[str, float]:
     """Scalar metrics, as written to TensorBoard and the results JSON."""
-    out = {'num_examples': self.num_examples, 'top1': self.top1,
-           'top1_error': 1.0 - self.top1, 'macro_f1': self.macro_f1}
-    out.update({f'top{k}': self.top_k_accuracy(k) for k in sorted(self.top_k_counts)
-                if k != 1})
-    return out
+    return {'num_examples': self.num_examples, 'top1': self.top1,
+            'top1_error': 1.0 - self.top1, 'macro_f1': self.macro_f1, 'top5': self.top5,
+            'loss': self.loss}
 
 
-class MetricsAccumulator:
-  """Accumulates a confusion matrix and top-k hits over padded, masked batches."""
-
-  def __init__(self, num_classes: int, top_k: Sequence[int] = (1, 5)):
-    self.num_classes = num_classes
-    self.confusion = np.zeros((num_classes, num_classes), np.int64)
-    self.top_k_counts = {k: 0 for k in top_k}
-
-  def update(self, logits: np.ndarray, labels: np.ndarray,
-             mask: Optional[np.ndarray] = None) -> None:
-    """Adds one batch; examples with mask 0 (padding) are ignored."""
-    logits, labels = np.asarray(logits), np.asarray(labels)
-    if logits.ndim != 2 or logits.shape[-1] != self.num_classes:
-      raise ValueError(f'Expected logits of shape (batch, {self.num_classes}); got '
-                       f'{logits.shape}. Does the model head match the dataset?')
-    keep = (np.ones(len(labels), bool) if mask is None
-            else np.asarray(mask).astype(bool))
-    logits, labels = logits[keep], labels[keep]
-    self.confusion += confusion_matrix(labels, logits.argmax(-1), self.num_classes)
-    for k in self.top_k_counts:
-      self.top_k_counts[k] += int(top_k_hits(logits, labels, k).sum())
-
-  def result(self) -> ClassificationMetrics:
-    return ClassificationMetrics(self.confusion.copy(), dict(self.top_k_counts))
+def evaluate(params: Any, eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
+             mesh: jax.sharding.Mesh, batches: Iterable[Dict[str, np.ndarray]],
+             prefetch: int) -> ClassificationMetrics:
+  """Metrics over every example of a split, each counted once; sums stay on the devices."""
+  totals = None
+  for batch in parallel.prefetch_to_mesh(mesh, batches, prefetch):
+    sums = eval_fn(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('The evaluation split is empty.')
+  return ClassificationMetrics.from_sums(totals)

@@ -9,7 +9,6 @@ resize to the crop size, values to [-1, 1]). A released checkpoint with a
 1000-class head is labelled with the ImageNet synset ids that tensorflow-datasets
 ships; `--class_names=FILE` (one name per line) gives other names.
 """
-import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from vit_jax_ft import checkpoint, defaults, hub, models, train
+from vit_jax_ft import checkpoint, defaults, hub, models, run_dir
 from vit_jax_ft.data import preprocess
 
 FLAGS = flags.FLAGS
@@ -31,17 +30,6 @@ FLAGS = flags.FLAGS
 # The ImageNet-1k label order of the released checkpoints (WordNet synset ids).
 IMAGENET_LABELS = os.path.join(os.path.dirname(tfds.__file__), 'datasets', 'imagenet2012',
                                'labels.txt')
-
-
-@dataclasses.dataclass
-class Loaded:
-  """A model ready for inference and what is needed to feed and read it."""
-
-  config: ml_collections.ConfigDict  # pp.* gives the evaluation preprocessing.
-  model: nn.Module
-  params: Any
-  class_names: List[str]
-  step: Optional[int] = None  # Training step of a workdir checkpoint.
 
 
 def read_class_names(path: str) -> List[str]:
@@ -83,17 +71,17 @@ def load_released(path: str, model_name: str, image_size: int,
 def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
                checkpoint_path: Optional[str] = None, model_name: Optional[str] = None,
                image_size: int = 384, class_names_file: Optional[str] = None,
-               with_head: bool = True) -> Loaded:
+               with_head: bool = True) -> run_dir.Loaded:
   """A fine-tuned workdir's checkpoint, or a released checkpoint and its model name."""
   if bool(workdir) == bool(checkpoint_path):
     raise ValueError('Give either --workdir (a training run) or --checkpoint with '
                      '--model_name (a released .npz), not both or neither.')
   if workdir:
-    config, model, params, class_names, step = train.load_for_inference(workdir, step)
+    loaded = run_dir.load(workdir, step)
     if not with_head:
-      model = model.clone(num_classes=0)
-      params = {k: v for k, v in params.items() if k != 'head'}
-    return Loaded(config, model, params, class_names, step)
+      loaded.model = loaded.model.clone(num_classes=0)
+      loaded.params = {k: v for k, v in loaded.params.items() if k != 'head'}
+    return loaded
   if not model_name:
     raise ValueError('--checkpoint needs --model_name (`python -m vit_jax_ft.models` '
                      'lists them).')
@@ -106,7 +94,7 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
   if with_head and len(names) != model.num_classes:
     raise ValueError(f'{class_names_file} names {len(names)} classes; the checkpoint '
                      f'head has {model.num_classes}.')
-  return Loaded(config, model, params, names)
+  return run_dir.Loaded(config, model, params, names)
 
 
 def load_images(paths: Sequence[str], config: ml_collections.ConfigDict) -> np.ndarray:
@@ -179,7 +167,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('batch', 64, 'Images per forward pass.')
 
 
-def model_from_flags(with_head: bool = True) -> Loaded:
+def model_from_flags(with_head: bool = True) -> run_dir.Loaded:
   """`load_model` with the values of `define_model_flags`."""
   return load_model(FLAGS.workdir, FLAGS.step, FLAGS.checkpoint, FLAGS.model_name,
                     FLAGS.image_size, FLAGS.class_names, with_head)

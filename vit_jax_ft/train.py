@@ -1,4 +1,4 @@
-"""Fine-tuning loop: `create_train_state`, `train_step`, `eval_step`, `train_and_evaluate`.
+"""Fine-tuning loop: `create_train_state`, `train_step`, `train_and_evaluate`.
 
 Data parallel through `jax.jit` over a 1-D device mesh: parameters replicated, batches
 sharded, so the mean loss is over the global batch and gradients are averaged over
@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -22,11 +22,13 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
-from jax.experimental import multihost_utils
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpoint, data, defaults, hub, logs, models, optim, parallel
+from vit_jax_ft import checkpoint, data, defaults, logs, optim, parallel, run_dir
+from vit_jax_ft.metrics import eval_step, evaluate
+from vit_jax_ft.pretrained import pretrained_path
+from vit_jax_ft.run_dir import build_model, checkpoint_dir
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -42,35 +44,6 @@ class TrainState(struct.PyTreeNode):
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The model of `config.model_name` with `config.model` options and `config.dtype`."""
-  options = {k: tuple(v) if isinstance(v, list) else v
-             for k, v in (config.get('model') or {}).items() if v is not None}
-  return models.get_model(config.model_name, num_classes, dtype=jnp.dtype(config.dtype),
-                          **options)
-
-
-def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
-  """Checkpoint to start from: `pretrained_path` (a file, URL or public name), else
-  `pretrained_dir/{model_name}.npz` as in the official code, else None (from scratch)."""
-  if config.pretrained_path:
-    if jax.process_index() == 0:  # The first host fetches; on a shared disk the rest find it.
-      hub.resolve(config.pretrained_path)
-    multihost_utils.sync_global_devices('pretrained checkpoint fetched')
-    return hub.resolve(config.pretrained_path)
-  if not config.pretrained_dir:
-    return None
-  path = os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
-  if '://' not in path and not os.path.exists(path):
-    raise FileNotFoundError(
-        f'No pretrained checkpoint at {path}. Fetch it with `python -m vit_jax_ft.hub fetch '
-        f'imagenet21k/{config.model_name} --dest=checkpoints` and set '
-        '--config.pretrained_dir=checkpoints/imagenet21k, or read it from the bucket with '
-        '--config.pretrained_dir=gs://vit_models/imagenet21k, or set '
-        "--config.pretrained_dir='' to train from scratch.")
-  return path
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -156,43 +129,6 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                      'param_norm': optax.global_norm(params)}
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
-  """Sums over the real (unmasked) examples of a padded batch: correct top-1/top-5, loss, count."""
-  logits = model.apply({'params': params}, batch['image'], train=False)
-  labels, mask = batch['label'], batch['mask']
-  k = min(5, logits.shape[-1])
-  top_k = jax.lax.top_k(logits, k)[1]
-  hits = top_k == labels[:, None]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {'correct_top1': jnp.sum(mask * hits[:, 0]),
-          'correct_top5': jnp.sum(mask * jnp.any(hits, axis=1)),
-          'loss_sum': jnp.sum(mask * losses),
-          'count': jnp.sum(mask)}
-
-
-def evaluate(params: Any, eval_fn, mesh: jax.sharding.Mesh,
-             batches: Iterator[Dict[str, np.ndarray]], prefetch: int) -> Dict[str, float]:
-  """Top-1/top-5 accuracy and loss over every example of the split, each counted once."""
-  totals = None
-  for batch in parallel.prefetch_to_mesh(mesh, batches, prefetch):
-    sums = eval_fn(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError('The evaluation split is empty.')
-  totals = jax.device_get(totals)
-  count = float(totals['count'])
-  return {'accuracy_top1': float(totals['correct_top1']) / count,
-          'accuracy_top5': float(totals['correct_top5']) / count,
-          'loss': float(totals['loss_sum']) / count,
-          'num_examples': count}
-
-
-def checkpoint_dir(workdir: str) -> str:
-  """`workdir/checkpoints`, made absolute for local paths as orbax requires."""
-  path = os.path.join(workdir, 'checkpoints')
-  return path if '://' in path else os.path.abspath(path)
-
-
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
                        ) -> ocp.CheckpointManager:
   """Orbax manager of `workdir/checkpoints`: asynchronous, atomic, keeps the last N."""
@@ -252,17 +188,18 @@ def _check_finite(unchecked: List[Metrics], first_step: int, last_saved: Optiona
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str,
-                    info: 'data.DatasetInfo') -> None:
-  """Writes the resolved config, the classes and the examples used next to the checkpoints."""
+                    info: 'data.DatasetInfo', model: nn.Module) -> None:
+  """Writes the resolved config with the model built, the classes and the examples used next
+  to the checkpoints, so inference rebuilds the same network without the trainer."""
   logging.info('Dataset %s: %d classes, %d training examples per epoch, %d test examples; '
                'training examples per class: %s', config.dataset, info.num_classes,
                info.num_train, info.num_test, info.train_class_counts)
   if jax.process_index():
     return
   gfile.makedirs(workdir)
-  with gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with gfile.GFile(os.path.join(workdir, 'dataset_info.json'), 'w') as f:
+  with gfile.GFile(os.path.join(workdir, run_dir.CONFIG_FILE), 'w') as f:
+    json.dump(run_dir.config_record(config, model), f, indent=2)
+  with gfile.GFile(os.path.join(workdir, run_dir.DATASET_INFO_FILE), 'w') as f:
     json.dump(dataclasses.asdict(info), f, indent=2)
 
 
@@ -286,8 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   parallel.check_batch_size(config.batch, 'batch', config.accum_steps)
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
   info = data.get_dataset_info(config)
-  write_run_files(config, workdir, info)
   model = build_model(config, info.num_classes)
+  write_run_files(config, workdir, info, model)
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate_schedule(config)
 
@@ -319,8 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   def run_eval(step):
     with progress.timed('eval'):
-      metrics = evaluate(state.params, eval_fn, mesh, data.get_eval_data(config),
-                         config.prefetch)
+      result = evaluate(state.params, eval_fn, mesh, data.get_eval_data(config),
+                        config.prefetch)
+    metrics = {'accuracy_top1': result.top1, 'accuracy_top5': result.top5,
+               'loss': result.loss, 'num_examples': result.num_examples}
     writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
     logging.info('Step %d: test top-1 %.4f, top-5 %.4f on %d examples', step,
                  metrics['accuracy_top1'], metrics['accuracy_top5'], metrics['num_examples'])
@@ -382,25 +321,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     manager.wait_until_finished()
     manager.close()
     writer.flush()
-
-
-def load_for_inference(workdir: str, step: Optional[int] = None
-                       ) -> Tuple[ml_collections.ConfigDict, nn.Module, Any, list, int]:
-  """(config, model, params, class_names, step) of a workdir's checkpoint (latest by default)."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not gfile.exists(config_path):
-    raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json); pass the '
-                            '--workdir of a `python -m vit_jax_ft.main` run.')
-  with gfile.GFile(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with gfile.GFile(os.path.join(workdir, 'dataset_info.json')) as f:
-    class_names = json.load(f)['class_names']
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f'No checkpoint {"" if step is None else step} in {workdir}; '
-                            f'available steps: {list(manager.all_steps())}.')
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
-  model = build_model(config, len(class_names))
-  return config, model, restored['params'], class_names, step

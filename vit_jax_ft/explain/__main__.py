@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 from absl import app, flags, logging
 
-from vit_jax_ft import predict
+from vit_jax_ft import predict, run_dir
 from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
 from vit_jax_ft.models.vit import VisionTransformer
 
@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 class Inputs:
   """What the figures are drawn from."""
 
-  loaded: Optional[predict.Loaded]  # None when only training curves are drawn.
+  loaded: Optional[run_dir.Loaded]  # None when only training curves are drawn.
   image_paths: List[str]
   images: Optional[np.ndarray]
   workdir: Optional[str]

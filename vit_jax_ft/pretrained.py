@@ -1,0 +1,30 @@
+"""Which released checkpoint a fine-tuning run starts from, fetched once for all hosts."""
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from vit_jax_ft import hub
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
+  """Checkpoint to start from: `pretrained_path` (a file, URL or public name), else
+  `pretrained_dir/{model_name}.npz` as in the official code, else None (from scratch)."""
+  if config.pretrained_path:
+    if jax.process_index() == 0:  # The first host fetches; on a shared disk the rest find it.
+      hub.resolve(config.pretrained_path)
+    multihost_utils.sync_global_devices('pretrained checkpoint fetched')
+    return hub.resolve(config.pretrained_path)
+  if not config.pretrained_dir:
+    return None
+  path = os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
+  if '://' not in path and not os.path.exists(path):
+    raise FileNotFoundError(
+        f'No pretrained checkpoint at {path}. Fetch it with `python -m vit_jax_ft.hub fetch '
+        f'imagenet21k/{config.model_name} --dest=checkpoints` and set '
+        '--config.pretrained_dir=checkpoints/imagenet21k, or read it from the bucket with '
+        '--config.pretrained_dir=gs://vit_models/imagenet21k, or set '
+        "--config.pretrained_dir='' to train from scratch.")
+  return path
