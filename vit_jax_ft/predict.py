@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -63,8 +62,7 @@ def load_released(path: str, model_name: str, image_size: int,
         '(`python -m vit_jax_ft.evaluate --linear_probe`) or fine-tune it first.')
   num_classes = params['head']['bias'].shape[-1] if with_head else 0
   model = models.get_model(model_name, num_classes, **overrides)
-  expected = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3))))['params']
+  expected = models.abstract_variables(model, image_size)['params']
   return model, checkpoint.adapt(params, expected, source=path, keep_head=with_head)
 
 

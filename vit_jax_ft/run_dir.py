@@ -103,8 +103,7 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -
   """The parameters of checkpoint `step`, replicated over this machine's devices; every
   name and shape must be the model's."""
   path = os.path.join(checkpoint_dir(workdir), str(step), _ORBAX_ITEM)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False)['params'])
+  shapes = models.abstract_variables(model, image_size)['params']
   try:
     stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree['params']
   except (ValueError, KeyError, OSError) as e:

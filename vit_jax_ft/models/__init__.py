@@ -3,6 +3,8 @@ import difflib
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from vit_jax_ft.models.mixer import MlpMixer
 from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
@@ -46,4 +48,11 @@ def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   return module_class(num_classes=num_classes, model_name=name, **spec)
 
 
-__all__ = ['AUGREG_NAMES', 'MODEL_SPECS', 'get_model', 'unknown_model_error']
+def abstract_variables(model: nn.Module, image_size: int) -> Any:
+  """Shapes and dtypes of `model`'s variables for square `image_size` inputs; nothing runs."""
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
+
+
+__all__ = ['AUGREG_NAMES', 'MODEL_SPECS', 'abstract_variables', 'get_model',
+           'unknown_model_error']

@@ -4,10 +4,9 @@ r"""Lists the official model names with their parameter counts.
 """
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vit_jax_ft.models import MODEL_SPECS, get_model
+from vit_jax_ft.models import MODEL_SPECS, abstract_variables, get_model
 
 _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Image size the counts are for.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of the head.')
@@ -16,9 +15,7 @@ _FILTER = flags.DEFINE_string('filter', '', 'Only names containing this text.')
 
 def parameter_count(name: str, num_classes: int, resolution: int) -> int:
   """Number of parameters of `name` (shapes only; nothing is allocated)."""
-  model = get_model(name, num_classes)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, resolution, resolution, 3)), train=False))
+  shapes = abstract_variables(get_model(name, num_classes), resolution)
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
 
 
