@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,6 +130,30 @@ def test_killed_run_resumes_to_the_same_result(digits_folder, reference_run, tmp
                   jax.tree.leaves(final_params(interrupted))):
     np.testing.assert_array_equal(a, b)
   assert final_test_accuracy(interrupted) == final_test_accuracy(reference_run)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_same_result(digits_folder, reference_run,
+                                                                 tmp_path):
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(reference_run, workdir)
+  data_file = max((workdir / 'checkpoints' / '60').rglob('d/*'), key=lambda p: p.stat().st_size)
+  os.truncate(data_file, data_file.stat().st_size // 2)  # As a crash or a full disk leaves it.
+  out = run_cli(workdir, digits_folder)
+  assert out.stderr.count('cannot be read') == 1, out.stderr[-4000:]
+  assert 'checkpoint of step 60 cannot be read' in out.stderr and 'resuming from step 40' in out.stderr
+  assert 'Event loop is closed' not in out.stderr
+  assert len(list((workdir / 'checkpoints').glob('60.corrupt-*'))) == 1
+  for a, b in zip(jax.tree.leaves(final_params(reference_run)),
+                  jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unwritable_workdir_fails_at_start(digits_folder, tmp_path):
+  (tmp_path / 'file').write_text('a file, not a directory')
+  out = run_cli(tmp_path / 'file' / 'run', digits_folder, check=False)
+  assert out.returncode == 2
+  assert f'Cannot write to --workdir={tmp_path}/file/run' in out.stderr
+  assert 'Traceback' not in out.stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_message(digits_folder, tmp_path):

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpoint, data, defaults, hub, models, optim, parallel
+from vit_jax_ft import checkpoint, checkpointing, data, defaults, hub, models, optim, parallel
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -187,27 +187,17 @@ def evaluate(params: Any, eval_fn, mesh: jax.sharding.Mesh,
           'num_examples': count}
 
 
-def checkpoint_dir(workdir: str) -> str:
-  """`workdir/checkpoints`, made absolute for local paths as orbax requires."""
-  path = os.path.join(workdir, 'checkpoints')
-  return path if '://' in path else os.path.abspath(path)
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
-                       ) -> ocp.CheckpointManager:
-  """Orbax manager of `workdir/checkpoints`: asynchronous, atomic, keeps the last N."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
-      create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
-
-
 class Preempted(Exception):
   """Training saved a checkpoint and stopped after SIGTERM; rerun the command to resume."""
 
 
 class _Preemption:
-  """Turns SIGTERM into a request to save and stop at the next step boundary."""
+  """Turns SIGTERM into a request to save and stop at a step boundary every host agrees on.
+
+  On one process our handler sets a flag. On several, `jax.distributed`'s preemption service
+  owns SIGTERM (a handler of ours would replace its own and stop nothing): it tells the other
+  hosts, and `reached_preemption` is then true at the same step on all of them.
+  """
 
   def __init__(self, manager: ocp.CheckpointManager):
     self._manager = manager
@@ -215,7 +205,7 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -225,7 +215,7 @@ class _Preemption:
     self._requested = True
 
   def should_stop(self, step: int) -> bool:
-    """Whether to stop at `step`; every host agrees (a local flag would hang collectives)."""
+    """Whether to stop at `step`; called at every step, as the preemption service requires."""
     if jax.process_count() > 1:
       return self._manager.reached_preemption(step)
     return self._requested
@@ -279,16 +269,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate_schedule(config)
 
-  manager = checkpoint_manager(workdir, config)
-  latest = manager.latest_step()
-  if latest is not None:
-    # Resuming: build shapes only, then restore; no need to read the pretrained file.
-    state = manager.restore(latest, args=ocp.args.StandardRestore(
-        abstract_train_state(config, model, tx, mesh)))
-    logging.info('Resumed from the checkpoint of step %d in %s', latest, workdir)
-  else:
+  manager = checkpointing.manager(workdir, config)
+  target = abstract_train_state(config, model, tx, mesh)
+  checkpointing.check_space(workdir, target)
+  # Resuming: build shapes only, then restore; no need to read the pretrained file.
+  state = checkpointing.restore_latest(manager, target)
+  if state is None:
     state = create_train_state(config, model, tx, mesh)
   start = int(jax.device_get(state.step))
+  if start:
+    logging.info('Resumed from the checkpoint of step %d in %s', start, workdir)
 
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
@@ -321,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       return run_eval(start)
     batches = parallel.prefetch_to_mesh(
         mesh, data.get_train_data(config, start_step=start), config.prefetch)
-    unchecked, first_unchecked, last_saved = [], start + 1, latest
+    unchecked, first_unchecked, last_saved = [], start + 1, start or None
     metrics = {}
     logging.info('Training steps %d..%d; the first step compiles.', start + 1,
                  config.total_steps)
@@ -351,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                        scalars['loss'], images_per_sec)
           window_start, window_step = time.time(), step
         if save:  # Before the evaluation, so a preempted run saves within its grace period.
-          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+          checkpointing.save(manager, step, state)
           last_saved = step
         if stop and not last:
           raise Preempted(f'Saved the checkpoint of step {step} after SIGTERM; rerun the same '
@@ -360,8 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           metrics = run_eval(step)
     return metrics
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    checkpointing.finish(manager)
     writer.flush()
 
 
@@ -376,7 +365,7 @@ def load_for_inference(workdir: str, step: Optional[int] = None
     config = ml_collections.ConfigDict(json.load(f))
   with gfile.GFile(os.path.join(workdir, 'dataset_info.json')) as f:
     class_names = json.load(f)['class_names']
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
+  manager = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
