@@ -156,6 +156,13 @@ def test_unwritable_workdir_fails_at_start(digits_folder, tmp_path):
   assert 'Traceback' not in out.stderr
 
 
+def test_crop_that_disagrees_with_the_ops_fails_before_compiling(digits_folder, tmp_path):
+  out = run_cli(tmp_path / 'run', digits_folder, '--config.pp.crop=20', check=False)
+  assert out.returncode != 0
+  assert 'config.pp.crop=20' in out.stderr and 'make 16x16 images' in out.stderr
+  assert 'ScopeParamShapeError' not in out.stderr and 'compiles' not in out.stderr
+
+
 def test_non_finite_loss_stops_with_a_clear_message(digits_folder, tmp_path):
   out = run_cli(tmp_path / 'run', digits_folder, '--config.base_lr=1e30',
                 '--config.grad_norm_clip=0', '--config.warmup_steps=0', check=False)

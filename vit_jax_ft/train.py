@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpoint, checkpointing, data, defaults, hub, models, optim, parallel
+from vit_jax_ft import (checkpoint, checkpointing, data, defaults, hub, image_size, models, optim,
+                        parallel)
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -266,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   info = data.get_dataset_info(config)
   write_run_files(config, workdir, info)
   model = build_model(config, info.num_classes)
+  image_size.check(config, model)
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate_schedule(config)
 
