@@ -197,11 +197,14 @@ class _Preemption:
 
   On one process our handler sets a flag. On several, `jax.distributed`'s preemption service
   owns SIGTERM (a handler of ours would replace its own and stop nothing): it tells the other
-  hosts, and `reached_preemption` is then true at the same step on all of them.
+  hosts, and `reached_preemption` is then true at the same step on all of them. The service
+  counts calls from 0, so it is given the steps of this run, not the global step: a notice
+  before the first step of a resumed run then stops at its first step.
   """
 
-  def __init__(self, manager: ocp.CheckpointManager):
+  def __init__(self, manager: ocp.CheckpointManager, start_step: int):
     self._manager = manager
+    self._start_step = start_step
     self._requested = False
     self._previous = None
 
@@ -218,7 +221,7 @@ class _Preemption:
   def should_stop(self, step: int) -> bool:
     """Whether to stop at `step`; called at every step, as the preemption service requires."""
     if jax.process_count() > 1:
-      return self._manager.reached_preemption(step)
+      return self._manager.reached_preemption(step - self._start_step)
     return self._requested
 
   def __exit__(self, *exc):
@@ -317,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     metrics = {}
     logging.info('Training steps %d..%d; the first step compiles.', start + 1,
                  config.total_steps)
-    with _Preemption(manager) as preemption:
+    with _Preemption(manager, start) as preemption:
       for step in range(start + 1, config.total_steps + 1):
         state, step_metrics = step_fn(state, next(batches))
         unchecked.append(step_metrics)
