@@ -33,7 +33,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a killed process).
 PREEMPTED_EXIT_CODE = 143
-# Exit status of a run that cannot write its workdir or read any of its checkpoints.
+# Exit status of a run that cannot write its workdir or a checkpoint, or read any checkpoint.
 WORKDIR_EXIT_CODE = 2
 
 
