@@ -167,4 +167,4 @@ def test_a_full_workdir_fails_before_training(tmp_path, monkeypatch):
   with pytest.raises(checkpointing.WorkdirError, match='MiB free but a checkpoint takes'):
     checkpointing.check_space(str(tmp_path), _target())
   monkeypatch.setattr(shutil, 'disk_usage', lambda _: usage._replace(free=needed))
-  checkpointing.check_space(str(tmp_path), _target())
+  checkpointing.check_space(str(tmp_path / 'not' / 'made' / 'yet'), _target())

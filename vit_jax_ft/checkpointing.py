@@ -65,7 +65,10 @@ def check_space(workdir: str, target: Any) -> None:
   """Fails before training when a local workdir has no room for one more checkpoint."""
   if '://' in workdir:
     return
-  needed, free = state_bytes(target), shutil.disk_usage(workdir).free
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):  # Another host may not have made it yet.
+    existing = os.path.dirname(existing)
+  needed, free = state_bytes(target), shutil.disk_usage(existing).free
   if free < needed:
     raise WorkdirError(f'--workdir={workdir} has {free / 2**20:.1f} MiB free but a checkpoint '
                        f'takes {needed / 2**20:.1f} MiB. Free some space or pick another '
