@@ -3,8 +3,9 @@ r"""Fine-tunes an AugReg checkpoint ("How to train your ViT?") picked by its pub
   python -m vit_jax_ft.main --workdir=/tmp/augreg --config=configs/augreg.py:R_Ti_16 \
       --config.dataset=oxford_iiit_pet --config.pp.train='train[:90%]' --config.base_lr=0.01
 
-The argument is a model prefix (`B_16`, `R_Ti_16`, `R26_S_32`, ...: the README's recommended
-ImageNet-21k checkpoint of that model) or a full filename without `.npz`
+The argument is a model prefix (`B_16`, `B_8`, `R_Ti_16`, `R26_S_32`, ...: the ImageNet-21k
+checkpoint of that model with the best final validation accuracy in index.csv, as the official
+code picks it; offline, the README's recommended one) or a full filename without `.npz`
 (`B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0`). The file is fetched into
 checkpoints/augreg/ when absent (`python -m vit_jax_ft.hub list --filter=augreg`).
 """
@@ -20,7 +21,10 @@ def get_config(model_or_filename: str = 'B_16') -> ml_collections.ConfigDict:
     raise ValueError(f'No model is registered for the AugReg file {checkpoint.name!r}.')
   config = defaults.get_config()
   config.pretrained_dir = ''
-  config.pretrained_path = checkpoint.name
+  # A short name stays short: at training start it picks the best checkpoint of index.csv
+  # when reachable (as the official code does), else the README's (hub.AUGREG_RECOMMENDED).
+  config.pretrained_path = (f'augreg/{model_or_filename}'
+                            if model_or_filename in hub.AUGREG_RECOMMENDED else checkpoint.name)
   config.model_name = checkpoint.model_name
   config.model.dropout_rate = 0.0  # No AugReg regularisation during fine-tuning.
   # Values of the official augreg config; often overridden on the command line.

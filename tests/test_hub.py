@@ -261,3 +261,48 @@ def test_command_line_list_and_fetch(server, tmp_path):
                   ['*', 'BiT-M-R50x1', 'BiT-M-R50x1-ILSVRC2012']]
   unknown = run('fetch', 'BiT-M-R50x2')
   assert unknown.returncode == 1 and 'Did you mean' in unknown.stderr
+
+
+def _augreg_row(filename, ds='i21k', final_val='0.5'):
+  return f'x,{ds},{final_val},{filename},{filename}--cifar100-steps_2k-lr_0.01-res_384\n'
+
+
+def test_augreg_short_name_picks_the_best_i21k_checkpoint_of_index_csv(server, tmp_path):
+  best = 'B_16-i21k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1'
+  assert f'augreg/{best}' not in hub.INDEX  # Not the README's choice.
+  server.files['/vit_models/augreg/index.csv'] = (
+      'name,ds,final_val,filename,adapt_filename\n'
+      + _augreg_row('B_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0', final_val='0.41')
+      + _augreg_row(best, final_val='0.47') + _augreg_row(best, final_val='0.47')
+      + _augreg_row('B_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0', 'i1k', '0.8')
+      + _augreg_row('B_160-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0', final_val='0.9')
+      + _augreg_row('S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0', final_val='0.9')
+  ).encode()
+  for name in ('augreg/B_16', 'B_16'):
+    picked = hub.pick(name)
+    assert picked.name == f'augreg/{best}' and picked.model_name == 'ViT-B_16'
+  server.files[f'/vit_models/augreg/{best}.npz'] = npz_bytes(4)
+  path = hub.resolve('augreg/B_16', dest=str(tmp_path))
+  assert path == str(tmp_path / 'augreg' / f'{best}.npz')
+  assert open(path, 'rb').read() == server.files[f'/vit_models/augreg/{best}.npz']
+  # No i21k row for the model: the built-in table.
+  assert hub.pick('augreg/B_8').name == f'augreg/{hub.AUGREG_RECOMMENDED["B_8"][0]}'
+
+
+def test_augreg_short_names_offline_use_the_built_in_table(server):
+  assert '/vit_models/augreg/index.csv' not in server.files  # 404, as when unreachable.
+  for model, (upstream, _) in hub.AUGREG_RECOMMENDED.items():
+    picked = hub.pick(f'augreg/{model}')
+    assert picked.name == f'augreg/{upstream}'
+    assert picked.model_name == AUGREG_NAMES[model] and picked.model_name in MODEL_SPECS
+  assert hub.pick('augreg/B_8').model_name == 'ViT-B_8'
+  assert f'augreg/{hub.AUGREG_RECOMMENDED["B_8"][0]}' in hub.INDEX
+  # Every AugReg model of the official README has a short name.
+  assert set(hub.AUGREG_RECOMMENDED) == {'Ti_16', 'S_16', 'B_16', 'L_16', 'S_32', 'B_32', 'B_8',
+                                         'R_Ti_16', 'R26_S_32', 'R50_L_32'}
+
+
+def test_models_without_augreg_checkpoints_are_not_short_names(server):
+  for name in ('augreg/R26_B_32', 'augreg/L_32', 'augreg/H_14'):
+    with pytest.raises(hub.UnknownCheckpointError):
+      hub.pick(name)

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,6 +143,84 @@ def test_killed_run_resumes_to_the_same_result(digits_folder, reference_run, tmp
                   jax.tree.leaves(final_params(interrupted))):
     np.testing.assert_array_equal(a, b)
   assert final_test_accuracy(interrupted) == final_test_accuracy(reference_run)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_same_result(digits_folder, reference_run,
+                                                                 tmp_path):
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(reference_run, workdir)
+  data_file = max((workdir / 'checkpoints' / '60').rglob('d/*'), key=lambda p: p.stat().st_size)
+  os.truncate(data_file, data_file.stat().st_size // 2)  # As a crash or a full disk leaves it.
+  out = run_cli(workdir, digits_folder)
+  assert out.stderr.count('cannot be read') == 1, out.stderr[-4000:]
+  assert 'checkpoint of step 60 cannot be read' in out.stderr and 'resuming from step 40' in out.stderr
+  assert 'Event loop is closed' not in out.stderr
+  assert len(list((workdir / 'checkpoints').glob('60.corrupt-*'))) == 1
+  for a, b in zip(jax.tree.leaves(final_params(reference_run)),
+                  jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unwritable_workdir_fails_at_start(digits_folder, tmp_path):
+  (tmp_path / 'file').write_text('a file, not a directory')
+  out = run_cli(tmp_path / 'file' / 'run', digits_folder, check=False)
+  assert out.returncode == 2
+  assert f'Cannot write to --workdir={tmp_path}/file/run' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_crop_that_disagrees_with_the_ops_fails_before_compiling(digits_folder, tmp_path):
+  out = run_cli(tmp_path / 'run', digits_folder, '--config.pp.crop=20', check=False)
+  assert out.returncode != 0
+  assert 'config.pp.crop=20' in out.stderr and 'make 16x16 images' in out.stderr
+  assert 'ScopeParamShapeError' not in out.stderr and 'compiles' not in out.stderr
+
+
+def _saves_in_progress(workdir):
+  folder = workdir / 'checkpoints'
+  return [p.name for p in folder.iterdir() if 'tmp' in p.name] if folder.is_dir() else []
+
+
+def _kill_during_a_save(workdir, process):
+  """SIGKILL as soon as orbax's temporary directory of a save appears."""
+  while not _saves_in_progress(workdir):
+    assert process.poll() is None, 'the run ended before a save was seen'
+    time.sleep(0.001)
+  process.kill()
+
+
+def _kill_in_training(workdir, process, runs_before, delay):
+  """SIGKILL `delay` seconds after this run logs that training starts."""
+  while read_log(workdir).count('Training steps') == runs_before:
+    assert process.poll() is None, 'the run ended before training'
+    time.sleep(0.01)
+  time.sleep(delay)
+  process.kill()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(digits_folder, reference_run,
+                                                                tmp_path):
+  workdir = tmp_path / 'faults'
+  rng = np.random.default_rng(0)
+  for attempt in range(3):
+    runs_before = read_log(workdir).count('Training steps') if workdir.is_dir() else 0
+    process = run_cli(workdir, digits_folder, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    if attempt == 0:
+      _kill_during_a_save(workdir, process)
+    else:  # Anywhere: steps, saves, evaluations, or already done.
+      _kill_in_training(workdir, process, runs_before, rng.uniform(0, 3))
+    assert process.wait(timeout=120) in (-signal.SIGKILL, 0)
+    if attempt == 0:
+      assert _saves_in_progress(workdir), 'the save completed before the kill'
+  run_cli(workdir, digits_folder)
+  assert not _saves_in_progress(workdir)
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['20', '40', '60']
+  for a, b in zip(jax.tree.leaves(final_params(reference_run)),
+                  jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+  assert final_test_accuracy(workdir) == final_test_accuracy(reference_run)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(digits_folder, tmp_path):

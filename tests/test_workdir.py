@@ -26,7 +26,7 @@ import jax, numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 import tiny_config
-from vit_jax_ft import optim, parallel, run_dir, train
+from vit_jax_ft import checkpointing, optim, parallel, run_dir, train
 assert jax.device_count() == 4, jax.devices()
 workdir = sys.argv[1]
 config = tiny_config.get_config('unused')
@@ -34,7 +34,7 @@ config.model.classifier = 'gap'
 model = run_dir.build_model(config, 3)
 mesh = parallel.create_mesh()
 state = train.create_train_state(config, model, optim.make_optimizer(config), mesh)
-manager = train.checkpoint_manager(workdir, config)
+manager = checkpointing.manager(workdir, config)
 for step in (3, 7):
   manager.save(step, args=ocp.args.StandardSave(state.replace(step=state.step + step)),
                force=True)

@@ -69,8 +69,9 @@ def _source(path: str) -> Union[str, io.BytesIO]:
       raise FileNotFoundError(
           f'Could not download {path}: {e}. Fetch a public checkpoint with '
           '`python -m vit_jax_ft.hub fetch NAME`, or place the file by hand.') from e
-  if paths.is_remote(path):
+  if paths.is_remote(path):  # gs:// and the rest of gfile's filesystems.
     from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
+    gfile.makedirs(os.path.dirname(path))
     if not gfile.exists(path):
       raise FileNotFoundError(f'No checkpoint at {path}.')
     with gfile.GFile(path, 'rb') as f:
@@ -252,8 +253,9 @@ def save(params: Mapping[str, Any], path: str) -> None:
                    k): v for k, v in flat.items()}
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
-  if paths.is_remote(path):
+  if paths.is_remote(path):  # gs:// and the rest of gfile's filesystems.
     from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
+    gfile.makedirs(os.path.dirname(path))
     with gfile.GFile(path, 'wb') as f:
       f.write(buffer.getvalue())
     return

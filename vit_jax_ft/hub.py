@@ -45,8 +45,9 @@ _IMAGENET21K_2012 = ('ViT-B_16', 'ViT-B_16-224', 'ViT-B_32', 'ViT-B_8', 'ViT-L_1
                      'ViT-L_16-224', 'ViT-L_32', 'R50+ViT-B_16')
 # The AugReg checkpoints recommended in the official README: per model, the
 # ImageNet-21k checkpoint with the best upstream metrics and its ImageNet
-# fine-tune at 384 px (`<upstream>--<fine-tune>`).
-AUGREG_RECOMMENDED = {
+# fine-tune at 384 px (`<upstream>--<fine-tune>`). Used offline; online, a
+# model's short name picks from index.csv as the official code does.
+AUGREG_RECOMMENDED: Dict[str, Tuple[str, Optional[str]]] = {
     'L_16': ('L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0',
              'imagenet2012-steps_20k-lr_0.01-res_384'),
     'B_16': ('B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0',
@@ -65,6 +66,8 @@ AUGREG_RECOMMENDED = {
              'imagenet2012-steps_20k-lr_0.01-res_384'),
     'R_Ti_16': ('R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0',
                 'imagenet2012-steps_20k-lr_0.03-res_384'),
+    # Added 2021-07-29, fine-tuned at 224 px only (index.csv names those fine-tunes).
+    'B_8': ('B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0', None),
 }
 # BiT (google-research/big_transfer): BiT-S (ILSVRC-2012) and BiT-M
 # (ImageNet-21k); only BiT-M also comes fine-tuned on ILSVRC-2012.
@@ -107,7 +110,9 @@ def _build_index() -> Dict[str, Checkpoint]:
                          f'vit_models/imagenet21k+imagenet2012/{m}.npz',
                          m.removesuffix('-224')) for m in _IMAGENET21K_2012]
   for upstream, finetune in AUGREG_RECOMMENDED.values():
-    entries += [augreg_checkpoint(upstream), augreg_checkpoint(f'{upstream}--{finetune}')]
+    entries.append(augreg_checkpoint(upstream))
+    if finetune:
+      entries.append(augreg_checkpoint(f'{upstream}--{finetune}'))
   for kind in ('BiT-S', 'BiT-M'):
     for arch in _BIT_ARCHITECTURES:
       suffixes = ('', '-ILSVRC2012') if kind == 'BiT-M' else ('',)
@@ -219,10 +224,41 @@ def download(url: str, target: str, timeout: float = TIMEOUT_S) -> None:
   os.replace(partial, target)
 
 
+def _augreg_model(name: str) -> Optional[str]:
+  """The model prefix of an AugReg short name (`augreg/B_16`, `B_16`), else None."""
+  stem = name.removesuffix('.npz').removeprefix('augreg/')
+  return stem if stem in AUGREG_RECOMMENDED else None
+
+
+def best_augreg(model: str, rows: List[Dict[str, str]]) -> Optional[str]:
+  """The official choice for `model` (`B_16`): its i21k checkpoint with the best final_val."""
+  candidates = [r for r in rows
+                if r.get('filename', '').split('-')[0] == model and r.get('ds') == 'i21k']
+  if not candidates:
+    return None
+  return max(candidates, key=lambda r: float(r['final_val']))['filename']
+
+
+def pick(name: str, url: Optional[str] = None, timeout: float = TIMEOUT_S) -> Checkpoint:
+  """`lookup`, except that an AugReg short name picks from index.csv when it is reachable."""
+  model = _augreg_model(name)
+  if model is None:
+    return lookup(name)
+  rows = read_augreg_rows(url, timeout)
+  filename = best_augreg(model, rows) if rows else None
+  if filename is None:
+    logging.info('AugReg %s: index.csv unavailable or silent; using the README\'s choice.',
+                 model)
+    return lookup(name)
+  logging.info('AugReg %s: selected %s (the best final_val of index.csv\'s i21k rows).',
+               model, filename)
+  return augreg_checkpoint(filename)
+
+
 def fetch(name: str, dest: str = 'checkpoints', url: Optional[str] = None,
           timeout: float = TIMEOUT_S) -> str:
   """Downloads the public checkpoint `name` into `dest` unless present; returns its path."""
-  checkpoint = lookup(name)
+  checkpoint = pick(name, url, timeout)
   target = os.path.join(dest, checkpoint.local_path)
   if not os.path.exists(target):
     download(f'{hub_url(url)}/{checkpoint.path}', target, timeout)
@@ -237,7 +273,7 @@ def resolve(name_or_path: str, dest: str = 'checkpoints', fetch_missing: bool = 
   """
   if os.path.exists(name_or_path) or re.match(r'^(gs|https?)://', name_or_path):
     return name_or_path
-  checkpoint = lookup(name_or_path)
+  checkpoint = pick(name_or_path)
   target = os.path.join(dest, checkpoint.local_path)
   if os.path.exists(target):
     return target
@@ -249,9 +285,9 @@ def resolve(name_or_path: str, dest: str = 'checkpoints', fetch_missing: bool = 
   return fetch(checkpoint.name, dest)
 
 
-def read_augreg_index(url: Optional[str] = None,
-                      timeout: float = TIMEOUT_S) -> Optional[List[str]]:
-  """The upstream filenames in `vit_models/augreg/index.csv`, or None if unreachable."""
+def read_augreg_rows(url: Optional[str] = None,
+                     timeout: float = TIMEOUT_S) -> Optional[List[Dict[str, str]]]:
+  """The rows of `vit_models/augreg/index.csv` (a row per fine-tune), or None if unreachable."""
   try:
     with urllib.request.urlopen(f'{hub_url(url)}/vit_models/augreg/index.csv',
                                 timeout=timeout) as response:
@@ -259,8 +295,16 @@ def read_augreg_index(url: Optional[str] = None,
   except OSError as e:
     logging.info('AugReg index.csv unreachable: %s', e)
     return None
-  return sorted({row['filename'] for row in csv.DictReader(io.StringIO(text))
-                 if row.get('filename')})
+  return list(csv.DictReader(io.StringIO(text)))
+
+
+def read_augreg_index(url: Optional[str] = None,
+                      timeout: float = TIMEOUT_S) -> Optional[List[str]]:
+  """The upstream filenames in `vit_models/augreg/index.csv`, or None if unreachable."""
+  rows = read_augreg_rows(url, timeout)
+  if rows is None:
+    return None
+  return sorted({row['filename'] for row in rows if row.get('filename')})
 
 
 def list_checkpoints(url: Optional[str] = None,

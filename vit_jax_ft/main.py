@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 from tensorflow.io import gfile
 
-from vit_jax_ft import logs, train
+from vit_jax_ft import checkpointing, logs, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and its argument, e.g. configs/vit.py:b16,cifar10.',
@@ -35,6 +35,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a killed process).
 PREEMPTED_EXIT_CODE = 143
+# Exit status of a run that cannot write its workdir or a checkpoint, or read any checkpoint.
+WORKDIR_EXIT_CODE = 2
 
 
 def add_gfile_logger(workdir: str) -> None:
@@ -53,16 +55,19 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
-  gfile.makedirs(workdir)
-  add_gfile_logger(workdir)
-  if jax.process_count() > 1:
-    logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
-                 jax.devices())
   try:
+    checkpointing.check_workdir(workdir)
+    add_gfile_logger(workdir)
+    if jax.process_count() > 1:
+      logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
+                   jax.devices())
     train.train_and_evaluate(_CONFIG.value, workdir)
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(PREEMPTED_EXIT_CODE)
+  except (checkpointing.WorkdirError, checkpointing.CheckpointError) as e:
+    logging.error('%s', e)
+    sys.exit(WORKDIR_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -25,10 +25,11 @@ from clu import metric_writers, periodic_actions
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpoint, data, defaults, logs, optim, parallel, run_dir
+from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, optim,
+                        parallel, run_dir)
 from vit_jax_ft.metrics import eval_step, evaluate
 from vit_jax_ft.pretrained import pretrained_path
-from vit_jax_ft.run_dir import build_model, checkpoint_dir
+from vit_jax_ft.run_dir import build_model
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -129,13 +130,6 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                      'param_norm': optax.global_norm(params)}
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
-                       ) -> ocp.CheckpointManager:
-  """Orbax manager of `workdir/checkpoints`: asynchronous, atomic, keeps the last N."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
-      create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 class Preempted(Exception):
@@ -143,15 +137,23 @@ class Preempted(Exception):
 
 
 class _Preemption:
-  """Turns SIGTERM into a request to save and stop at the next step boundary."""
+  """Turns SIGTERM into a request to save and stop at a step boundary every host agrees on.
 
-  def __init__(self, manager: ocp.CheckpointManager):
+  On one process our handler sets a flag. On several, `jax.distributed`'s preemption service
+  owns SIGTERM (a handler of ours would replace its own and stop nothing): it tells the other
+  hosts, and `reached_preemption` is then true at the same step on all of them. The service
+  counts calls from 0, so it is given the steps of this run, not the global step: a notice
+  before the first step of a resumed run then stops at its first step.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, start_step: int):
     self._manager = manager
+    self._start_step = start_step
     self._requested = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -161,9 +163,9 @@ class _Preemption:
     self._requested = True
 
   def should_stop(self, step: int) -> bool:
-    """Whether to stop at `step`; every host agrees (a local flag would hang collectives)."""
+    """Whether to stop at `step`; called at every step, as the preemption service requires."""
     if jax.process_count() > 1:
-      return self._manager.reached_preemption(step)
+      return self._manager.reached_preemption(step - self._start_step)
     return self._requested
 
   def __exit__(self, *exc):
@@ -224,20 +226,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
   info = data.get_dataset_info(config)
   model = build_model(config, info.num_classes)
+  image_size.check(config, model)
   write_run_files(config, workdir, info, model)
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate_schedule(config)
 
-  manager = checkpoint_manager(workdir, config)
-  latest = manager.latest_step()
-  if latest is not None:
-    # Resuming: build shapes only, then restore; no need to read the pretrained file.
-    state = manager.restore(latest, args=ocp.args.StandardRestore(
-        abstract_train_state(config, model, tx, mesh)))
-    logging.info('Resumed from the checkpoint of step %d in %s', latest, workdir)
-  else:
+  manager = checkpointing.manager(workdir, config)
+  target = abstract_train_state(config, model, tx, mesh)
+  checkpointing.check_space(workdir, target)
+  # Resuming: build shapes only, then restore; no need to read the pretrained file.
+  state = checkpointing.restore_latest(manager, target)
+  if state is None:
     state = create_train_state(config, model, tx, mesh)
   start = int(jax.device_get(state.step))
+  if start:
+    logging.info('Resumed from the checkpoint of step %d in %s', start, workdir)
 
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
@@ -272,12 +275,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       return run_eval(start)
     batches = parallel.prefetch_to_mesh(
         mesh, data.get_train_data(config, start_step=start), config.prefetch)
-    unchecked, first_unchecked, last_saved = [], start + 1, latest
+    unchecked, first_unchecked, last_saved = [], start + 1, start or None
     metrics = {}
     log_start(config, state, info, start, workdir)
     bar = logs.Progress(start, config.total_steps, show_bar=None if jax.process_index() == 0
                         else False)
-    with _Preemption(manager) as preemption:
+    with _Preemption(manager, start) as preemption:
       for step in range(start + 1, config.total_steps + 1):
         state, step_metrics = step_fn(state, next(batches))
         unchecked.append(step_metrics)
@@ -304,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                        config.total_steps, scalars['loss'], images_per_sec, bar.eta(step))
           window_start, window_step = time.time(), step
         if save:  # Before the evaluation, so a preempted run saves within its grace period.
-          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+          checkpointing.save(manager, step, state)
           last_saved = step
         if stop and not last:
           raise Preempted(f'Saved the checkpoint of step {step} after SIGTERM; rerun the same '
@@ -318,6 +321,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                  metrics['accuracy_top5'], workdir)
     return metrics
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    checkpointing.finish(manager)
     writer.flush()

@@ -3,6 +3,7 @@
 Every function takes arrays computed elsewhere (attention, embeddings,
 gradcam, curves, metrics) and writes one PNG; none needs a display.
 """
+import io
 import math
 import os
 from typing import Mapping, Optional, Sequence, Tuple
@@ -10,16 +11,20 @@ from typing import Mapping, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from tensorflow.io import gfile
 
 # tag -> (steps, values), as `curves.read_scalars` returns them.
 Series = Mapping[str, Tuple[np.ndarray, np.ndarray]]
 
 
 def _save(figure: Figure, path: str) -> str:
-  """Writes `figure` to `path` (folders created) and returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes `figure` as a PNG to `path` (local or gs://, folders created); returns the path."""
   FigureCanvasAgg(figure)
-  figure.savefig(path, dpi=figure.dpi, bbox_inches='tight')
+  buffer = io.BytesIO()  # matplotlib writes local files only; gfile takes the bytes anywhere.
+  figure.savefig(buffer, format='png', dpi=figure.dpi, bbox_inches='tight')
+  gfile.makedirs(os.path.dirname(path) or '.')
+  with gfile.GFile(path, 'wb') as f:
+    f.write(buffer.getvalue())
   return path
 
 
