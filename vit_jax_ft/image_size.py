@@ -40,7 +40,8 @@ def _stride(model: nn.Module) -> int:
     return 1
   layers = getattr(model, 'resnet_layers', None)
   stem = 1 if layers is None else 4 * 2**max(len(layers) - 1, 0)
-  return int(patch[0]) * stem
+  side = patch if isinstance(patch, int) else patch[0]  # Swin's is an int, ViT's a pair.
+  return int(side) * stem
 
 
 def check(config: ml_collections.ConfigDict, model: nn.Module) -> None:

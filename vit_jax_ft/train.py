@@ -25,8 +25,8 @@ from clu import metric_writers, periodic_actions
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, optim,
-                        parallel, run_dir)
+from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, models,
+                        optim, parallel, run_dir)
 from vit_jax_ft.metrics import eval_step, evaluate
 from vit_jax_ft.pretrained import pretrained_path
 from vit_jax_ft.run_dir import build_model
@@ -226,6 +226,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
   info = data.get_dataset_info(config)
   model = build_model(config, info.num_classes)
+  if 'batch_stats' in models.abstract_variables(model, config.pp.crop):
+    raise NotImplementedError(
+        f'{config.model_name} keeps BatchNorm statistics, which the training step does not '
+        'carry yet: fine-tune a ViT, hybrid, BiT, Mixer or Swin, or evaluate it with '
+        '`checkpoint.load_variables` and `model.apply`.')
   image_size.check(config, model)
   write_run_files(config, workdir, info, model)
   tx = optim.make_optimizer(config)
