@@ -28,7 +28,7 @@ def test_the_package_never_imports_the_experiment_configs():
 
 
 def test_documented_commands_run_from_any_folder(tmp_path):
-  commands = sorted(set(re.findall(r'python -m (vit_jax_ft(?:\.\w+)*)',
+  commands = sorted(set(re.findall(r'python -m (vit_jax_ft(?:\.[a-z_]+)+)\b',
                                    (ROOT / 'README.md').read_text())))
   assert 'vit_jax_ft.main' in commands and 'vit_jax_ft.evaluate' in commands
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
