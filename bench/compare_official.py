@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax_ft import defaults, models, optim, train
+from vit_jax_ft import defaults, memory, models, optim, train
 
 _OFFICIAL = flags.DEFINE_string('official', None, 'A checkout of '
                                 'google-research/vision_transformer (the folder holding vit_jax/).')
@@ -112,7 +112,7 @@ def our_step(accum: int, batch: Dict[str, np.ndarray]) -> Tuple[Step, float]:
   model = train.build_model(config, _CLASSES.value)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   state = train.create_train_state(config, model, tx, mesh)
-  step_fn = train.jit_train_step(config, model, tx, frozen=None)
+  step_fn = train.jit_train_step(model, tx, accum_steps=accum, seed=config.seed)
   batch = jax.device_put(batch)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -136,6 +136,7 @@ def timed(run: Step) -> float:
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   del argv
   root = pathlib.Path(_OFFICIAL.value).expanduser().resolve()
   if not (root / 'vit_jax' / 'train.py').exists():

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax_ft import defaults, models, optim, parallel, train
+from vit_jax_ft import defaults, memory, models, optim, parallel, train
 
 _MODELS = flags.DEFINE_list('models', ['testing', 'ViT-B_16'], 'Model names.')
 _SIZES = flags.DEFINE_list('sizes', ['224'], 'Image sizes.')
@@ -80,6 +80,7 @@ def bench_one(name: str, size: int) -> str:
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   del argv
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}')
   for name in _MODELS.value:

@@ -30,7 +30,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 from tensorflow.io import gfile
 
-from vit_jax_ft import data, defaults, linear_probe, parallel, predict
+from vit_jax_ft import data, defaults, linear_probe, memory, parallel, predict
 from vit_jax_ft.explain import figures
 from vit_jax_ft.metrics import ClassificationMetrics, MetricsAccumulator, f1_scores
 
@@ -213,6 +213,7 @@ def define_flags() -> None:
 
 
 def main(argv: List[str]) -> None:
+  memory.hide_gpus_from_tensorflow()
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   loaded = predict.model_from_flags(with_head=not FLAGS.linear_probe)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpoint, data, defaults, hub, models, optim, parallel
+from vit_jax_ft import checkpoint, data, defaults, hub, memory, models, optim, parallel
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -164,14 +164,36 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                      'param_norm': optax.global_norm(new_params)}
 
 
-def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module,
-                   tx: optax.GradientTransformation, frozen: Optional[Any]):
-  """`train_step` jitted with `config`'s accumulation and dropout seed; the state is donated."""
-  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  return jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                   accum_steps=config.accum_steps,
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *, accum_steps: int,
+                   seed: int, frozen: Optional[Any] = None):
+  """`train_step` jitted with its accumulation and the dropout seed; the state is donated."""
+  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps,
                                    dropout_rng=dropout_rng, frozen=frozen),
                  donate_argnums=0)
+
+
+def fit_in_memory(config: ml_collections.ConfigDict, num_classes: int,
+                  tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                  frozen: Optional[Any] = None) -> Tuple[int, nn.Module]:
+  """(accum_steps, model): the fewest micro-batches (then remat) whose compiled step fits
+  the device memory or `config.memory_budget_gb` (`config.auto_accum_steps`)."""
+  base = build_model(config, num_classes)
+  state = abstract_train_state(config, base, tx, mesh)
+  size, sharding = config.pp.crop, parallel.batch_sharded(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((config.batch, size, size, 3), jnp.float32,
+                                         sharding=sharding),
+           'label': jax.ShapeDtypeStruct((config.batch,), jnp.int32, sharding=sharding)}
+
+  def model_with(remat):
+    return base.clone(remat=True) if remat else base
+
+  def compile_step(accum_steps, remat):
+    step = jit_train_step(model_with(remat), tx, accum_steps=accum_steps, seed=config.seed,
+                          frozen=frozen)
+    return step.lower(state, batch).compile()
+  accum_steps, remat = memory.fit_accum_steps(config, compile_step)
+  return accum_steps, model_with(remat)
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
@@ -288,9 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Fine-tunes `config.model_name` on `config.dataset`; returns the final test metrics."""
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
-  if config.batch % (jax.device_count() * config.accum_steps):
-    raise ValueError(f'config.batch={config.batch} must be divisible by devices '
-                     f'({jax.device_count()}) x accum_steps ({config.accum_steps}).')
+  memory.check_accum_steps(config)
   info = data.get_dataset_info(config)
   write_run_files(config, workdir, info)
   model = build_model(config, info.num_classes)
@@ -309,7 +329,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   start = int(jax.device_get(state.step))
 
   frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
-  step_fn = jit_train_step(config, model, tx, frozen)
+  accum_steps, step_model = config.accum_steps, model
+  if config.auto_accum_steps:
+    accum_steps, step_model = fit_in_memory(config, info.num_classes, tx, mesh, frozen)
+  step_fn = jit_train_step(step_model, tx, accum_steps=accum_steps, seed=config.seed,
+                           frozen=frozen)
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
