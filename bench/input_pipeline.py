@@ -25,7 +25,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax_ft import data, defaults
+from vit_jax_ft import data, defaults, memory
 from vit_jax_ft.data import tfds_source
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -98,6 +98,7 @@ def images_per_second(config) -> float:
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   del argv
   if not SHARED_DATA.is_dir():
     raise SystemExit(f'{SHARED_DATA} is absent: the benchmark needs its real images.')

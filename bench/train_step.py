@@ -1,90 +1,106 @@
-r"""Training-step benchmark: compile time, images/s, peak memory and model-FLOPs utilisation.
+r"""Training-step benchmark: images/s per device, MFU, memory, ours and the official step.
 
-  python -m bench.train_step                              # small ViT on CPU + ViT-B/16 at 224
-  python -m bench.train_step --models=ViT-B_16 --sizes=224,384 --batch=64 --dtype=bfloat16
+  python -m bench.train_step --models=ViT-B_16 --sizes=224,384 --batch=128 \
+      --dtype=bfloat16 --attention=dense,dot_product --official=/tmp/official
 
-Prints one line per (model, size). FLOPs come from XLA's cost analysis of the compiled
-step; MFU is reported when `--peak_tflops` (the device's dense peak) is given.
+One line per (model, size, attention) with the compile time, step time, images/s per
+device, model FLOPs per image (XLA's cost analysis of the compiled step), MFU against the
+device's peak (`PEAK_TFLOPS` by device kind, or `--peak_tflops`), the memory the compiled
+step needs and the device's peak memory in use; with `--official` (a checkout of
+google-research/vision_transformer) the official step (float32, dense attention: all it
+has) on one device with `--batch` per device follows. `--batch` is per device.
 """
-import functools
+import pathlib
 import resource
 import time
+from typing import Any, Optional
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vit_jax_ft import defaults, models, optim, parallel, train
+from bench import steps
+from vit_jax_ft import memory
 
-_MODELS = flags.DEFINE_list('models', ['testing', 'ViT-B_16'], 'Model names.')
+_MODELS = flags.DEFINE_list('models', ['ViT-B_16'], 'Model names.')
 _SIZES = flags.DEFINE_list('sizes', ['224'], 'Image sizes.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Global batch per step.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Batch per device per step.')
 _ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Micro-batches per step.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps after the compile.')
-_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Computation dtype.')
-_ATTENTION = flags.DEFINE_string('attention', 'dense', "'dense' or 'dot_product'.")
+_DTYPE = flags.DEFINE_string('dtype', 'float32', "Computation dtype ('bfloat16' on GPU/TPU).")
+_ATTENTION = flags.DEFINE_list('attention', ['dense'], "Attention kinds: 'dense', 'dot_product'.")
 _REMAT = flags.DEFINE_bool('remat', False, 'Rematerialise blocks.')
-_PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Peak dense TFLOP/s of one device (for MFU).')
+_CLASSES = flags.DEFINE_integer('classes', 1000, 'Number of classes.')
+_PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak dense TFLOP/s of one device in the '
+                           'benchmarked dtype; default: PEAK_TFLOPS of the device kind.')
+_OFFICIAL = flags.DEFINE_string('official', None, 'A google-research/vision_transformer '
+                                'checkout: also time its step.')
+
+# Dense bfloat16 peak TFLOP/s of one device (vendor sheets), by a substring of device_kind.
+PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L4': 121.0, 'V100': 125.0,
+               'TPU v6': 918.0, 'TPU v5p': 459.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0,
+               'TPU v4': 275.0, 'TPU v3': 123.0}
 
 
-def bench_one(name: str, size: int) -> str:
-  """Compiles and times the train step of `name` at `size` px; returns the report line."""
-  overrides = dict(dtype=jnp.dtype(_DTYPE.value))
-  if name.startswith(('ViT', 'testing')):
-    overrides.update(attention=_ATTENTION.value, remat=_REMAT.value)
-  if name == 'testing':
-    overrides.update(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=4)
-  model = models.get_model(name, 1000, **overrides)
-  config = defaults.get_config()
-  config.total_steps, config.warmup_steps = 100, 10
-  tx = optim.make_optimizer(config)
-  mesh = parallel.create_mesh()
-  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-                                      train=False)['params'],
-                   out_shardings=parallel.replicated(mesh))()
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=jax.jit(tx.init)(params))
-  rng = np.random.default_rng(0)
-  batch = parallel.to_global(mesh, {
-      'image': rng.uniform(-1, 1, (_BATCH.value, size, size, 3)).astype(np.float32),
-      'label': rng.integers(0, 1000, _BATCH.value).astype(np.int32)})
-  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                      accum_steps=_ACCUM.value,
-                                      dropout_rng=jax.random.PRNGKey(0)), donate_argnums=0)
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get('flops', 0.0))
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+def peak_tflops(device_kind: str) -> Optional[float]:
+  """`--peak_tflops`, else the table's entry for `device_kind`, else None (no MFU)."""
+  if _PEAK.value:
+    return _PEAK.value
+  return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device_kind.lower()), None)
+
+
+def report(label: str, run: Any, compiled: Any, compile_s: float, batch: int,
+           devices: int) -> str:
+  """Times `--steps` steps of `run` and formats the line (FLOPs and memory of `compiled`)."""
+  run()  # Warm-up.
   t0 = time.perf_counter()
   for _ in range(_STEPS.value):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+    run()
   step_s = (time.perf_counter() - t0) / _STEPS.value
-  stats = jax.devices()[0].memory_stats()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get('flops', 0.0))  # Per device.
+  per_device = batch / devices / step_s
+  line = (f'{label:44s} compile {compile_s:6.1f}s step {step_s:7.3f}s '
+          f'{per_device:8.1f} img/s/device {flops * devices / batch / 1e9:6.1f} GFLOP/img')
+  peak = peak_tflops(jax.devices()[0].device_kind)
+  if peak and flops:
+    line += f'  MFU {flops / step_s / (peak * 1e12):5.1%}'
+  line += f'  step needs {memory.step_bytes(compiled) / 2**30:5.2f} GiB'
+  stats = jax.local_devices()[0].memory_stats()
   if stats:
-    peak, where = stats['peak_bytes_in_use'] / 2**30, 'device'
+    line += f'  device peak {stats["peak_bytes_in_use"] / 2**30:5.2f} GiB'
   else:  # CPU backends keep no statistics: the process's peak resident memory instead.
-    peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'process RSS'
-  line = (f'{name:12s} {size:4d}px batch {_BATCH.value:4d} {_DTYPE.value:8s} '
-          f'compile {compile_s:6.1f}s  step {step_s:7.3f}s  '
-          f'{_BATCH.value / step_s:8.1f} img/s  '
-          f'{flops / _BATCH.value / 1e9:7.1f} GFLOP/img(train)  peak {where} mem {peak:5.2f} GiB')
-  if _PEAK.value and flops:
-    line += f'  MFU {flops / step_s / (_PEAK.value * 1e12 * jax.device_count()):.1%}'
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    line += f'  process peak RSS {rss:5.2f} GiB'
   return line
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   del argv
-  print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}')
+  devices = jax.device_count()
+  kind = jax.devices()[0].device_kind
+  print(f'devices: {devices} x {kind}; jax {jax.__version__}; peak {peak_tflops(kind)} '
+        f'TFLOP/s per device; batch {_BATCH.value} per device, accum_steps {_ACCUM.value}')
   for name in _MODELS.value:
-    for size in _SIZES.value:
-      print(bench_one(name, int(size)), flush=True)
+    for size in map(int, _SIZES.value):
+      batch = steps.data(_BATCH.value * devices, size, _CLASSES.value)
+      for attention in _ATTENTION.value:
+        run, compiled, seconds = steps.compile_seconds(
+            lambda: steps.our_step(name, _CLASSES.value, _ACCUM.value, batch,
+                                              _DTYPE.value, attention, _REMAT.value))
+        print(report(f'ours {name} {size}px {_DTYPE.value} {attention}', run, compiled,
+                     seconds, _BATCH.value * devices, devices), flush=True)
+        del run, compiled
+      if _OFFICIAL.value:
+        one = {k: v[:_BATCH.value] for k, v in batch.items()}
+        root = pathlib.Path(_OFFICIAL.value).expanduser().resolve()
+        run, compiled, seconds = steps.compile_seconds(
+            lambda: steps.official_step(root, name, _CLASSES.value, _ACCUM.value,
+                                                   one))
+        print(report(f'official {name} {size}px float32 dense', run, compiled, seconds,
+                     _BATCH.value, 1), flush=True)
 
 
 if __name__ == '__main__':

@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim_dtype = 'bfloat16'
   # Splits each batch into this many micro-batches whose gradients are averaged.
   config.accum_steps = 8
+  # Instead, pick the fewest micro-batches whose compiled step fits the memory budget (and
+  # rematerialise blocks when none fits without), logging the choice; accum_steps is ignored.
+  config.auto_accum_steps = False
+  # Per-device memory budget in GiB for auto_accum_steps; None: the device's memory limit.
+  config.memory_budget_gb = placeholder(float)
   # Optimiser: 'sgd' (momentum 0.9, the paper's), 'adam' or 'adamw'.
   config.optimizer = 'sgd'
   # Momentum of SGD.

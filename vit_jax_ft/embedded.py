@@ -29,7 +29,7 @@ from PIL import Image
 import sklearn.datasets
 import sklearn.model_selection
 
-from vit_jax_ft import checkpoint, defaults, optim, train
+from vit_jax_ft import checkpoint, defaults, memory, optim, train
 from vit_jax_ft.models import get_model
 
 # The embedded model: the registry's 'testing' ViT with these options (about 140k parameters).
@@ -273,6 +273,7 @@ COMMANDS = {'make_checkpoint': _make_checkpoint_command,
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'Pass one command: {" | ".join(COMMANDS)}; got {argv[1:]}.')
   COMMANDS[argv[1]]()

@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from clu import metric_writers
 from tensorflow.io import gfile
 
-from vit_jax_ft import data, defaults, linear_probe, metrics, parallel, predict, run_dir
+from vit_jax_ft import data, defaults, linear_probe, memory, metrics, parallel, predict, run_dir
 from vit_jax_ft.explain import figures
 from vit_jax_ft.metrics import ClassificationMetrics, f1_scores
 
@@ -212,6 +212,7 @@ def define_flags() -> None:
 
 
 def main(argv: List[str]) -> None:
+  memory.hide_gpus_from_tensorflow()
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   loaded = predict.model_from_flags(with_head=not FLAGS.linear_probe)

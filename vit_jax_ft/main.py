@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpointing, logs, train
+from vit_jax_ft import checkpointing, logs, memory, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and its argument, e.g. configs/vit.py:b16,cifar10.',
@@ -49,6 +49,7 @@ def add_gfile_logger(workdir: str) -> None:
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logs.configure_terminal(_LIBRARY_LOGS.value)

@@ -25,8 +25,8 @@ from clu import metric_writers, periodic_actions
 from flax import struct
 from tensorflow.io import gfile
 
-from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, models,
-                        optim, parallel, run_dir)
+from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, memory,
+                        models, optim, parallel, run_dir)
 from vit_jax_ft.metrics import eval_step, evaluate
 from vit_jax_ft.pretrained import pretrained_path
 from vit_jax_ft.run_dir import build_model
@@ -81,11 +81,11 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                       state)
 
 
-def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-                           normaliser: jax.Array) -> jax.Array:
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: Optional[jax.Array],
+                           normaliser: Any) -> jax.Array:
   """sum(weight * cross-entropy) / normaliser, so micro-batches add up to the batch mean."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return jnp.sum(weights * losses) / normaliser
+  return jnp.sum(losses if weights is None else weights * losses) / normaliser
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
@@ -94,40 +94,80 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                ) -> Tuple[TrainState, Metrics]:
   """One update on a global batch, its gradient accumulated over `accum_steps` micro-batches.
 
-  `frozen` (a tree of bools like the params) stops gradients at frozen parameters, so XLA
-  skips their backward pass and `grad_norm` covers only what is trained.
+  `accum_steps=1` is a single forward/backward with no loop. Otherwise the first micro-batch
+  starts the sums and a `lax.fori_loop` adds the rest (as the official code does), so no
+  zero-initialised gradient tree is kept and added. `frozen` (a tree of bools like the params)
+  stops gradients at frozen parameters, so XLA skips their backward pass and `grad_norm`
+  covers only what is trained.
   """
-  weights = batch.get('weight', jnp.ones(batch['label'].shape, jnp.float32))
-  normaliser = jnp.sum(weights)
+  weights = batch.get('weight')
+  # Without weights the normaliser is the static batch size: no reduction, no weight multiply.
+  normaliser = batch['label'].shape[0] if weights is None else jnp.sum(weights)
   rng = jax.random.fold_in(dropout_rng, state.step)
-
-  def micro(x):
-    # Strided split: micro-batch i takes rows i, i+k, ..., so every device keeps a share.
-    return x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+  params = state.params
 
   def loss_fn(params, images, labels, w, index):
-    if frozen is not None:
+    if frozen is not None:  # Inside the differentiated function, or it would stop nothing.
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     logits = model.apply({'params': params}, images, train=True,
                          rngs={'dropout': jax.random.fold_in(rng, index)})
     return weighted_cross_entropy(logits, labels, w, normaliser)
 
   grad_fn = jax.value_and_grad(loss_fn)
+  inputs = {'image': batch['image'], 'label': batch['label'], 'weight': weights}
+  if accum_steps == 1:
+    loss, grads = grad_fn(params, inputs['image'], inputs['label'], weights, 0)
+  else:
+    # Strided split: micro-batch i takes rows i, i+k, ..., so every device keeps a share.
+    micro = jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]
+                            ).swapaxes(0, 1), inputs)
 
-  def accumulate(carry, xs):
-    loss, grads = carry
-    l, g = grad_fn(state.params, *xs)
-    return (loss + l, jax.tree.map(jnp.add, grads, g)), None
+    def grads_of(i):
+      part = jax.tree.map(lambda x: x[i], micro)
+      return grad_fn(params, part['image'], part['label'], part['weight'], i)
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  xs = (micro(batch['image']), micro(batch['label']), micro(weights),
-        jnp.arange(accum_steps))
-  (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), xs)
+    def accumulate(i, carry):
+      return jax.tree.map(jnp.add, carry, grads_of(i))
+
+    loss, grads = jax.lax.fori_loop(1, accum_steps, accumulate, grads_of(0))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new_params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
   return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
-                     'param_norm': optax.global_norm(params)}
+                     'param_norm': optax.global_norm(new_params)}
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *, accum_steps: int,
+                   seed: int, frozen: Optional[Any] = None):
+  """`train_step` jitted with its accumulation and the dropout seed; the state is donated."""
+  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps,
+                                   dropout_rng=dropout_rng, frozen=frozen),
+                 donate_argnums=0)
+
+
+def fit_in_memory(config: ml_collections.ConfigDict, num_classes: int,
+                  tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                  frozen: Optional[Any] = None) -> Tuple[int, nn.Module]:
+  """(accum_steps, model): the fewest micro-batches (then remat) whose compiled step fits
+  the device memory or `config.memory_budget_gb` (`config.auto_accum_steps`)."""
+  base = build_model(config, num_classes)
+  state = abstract_train_state(config, base, tx, mesh)
+  size, sharding = config.pp.crop, parallel.batch_sharded(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((config.batch, size, size, 3), jnp.float32,
+                                         sharding=sharding),
+           'label': jax.ShapeDtypeStruct((config.batch,), jnp.int32, sharding=sharding)}
+
+  def model_with(remat):
+    return base.clone(remat=True) if remat else base
+
+  def compile_step(accum_steps, remat):
+    step = jit_train_step(model_with(remat), tx, accum_steps=accum_steps, seed=config.seed,
+                          frozen=frozen)
+    return step.lower(state, batch).compile()
+  accum_steps, remat = memory.fit_accum_steps(config, compile_step)
+  return accum_steps, model_with(remat)
 
 
 
@@ -224,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch, 'batch', config.accum_steps)
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
+  memory.check_accum_steps(config)
   info = data.get_dataset_info(config)
   model = build_model(config, info.num_classes)
   if 'batch_stats' in models.abstract_variables(model, config.pp.crop):
@@ -247,12 +288,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if start:
     logging.info('Resumed from the checkpoint of step %d in %s', start, workdir)
 
-  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                      accum_steps=config.accum_steps,
-                                      dropout_rng=dropout_rng, frozen=frozen),
-                    donate_argnums=0)
+  accum_steps, step_model = config.accum_steps, model
+  if config.auto_accum_steps:
+    accum_steps, step_model = fit_in_memory(config, info.num_classes, tx, mesh, frozen)
+  step_fn = jit_train_step(step_model, tx, accum_steps=accum_steps, seed=config.seed,
+                           frozen=frozen)
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -8,7 +8,7 @@ r"""Prints a dataset's classes and per-class counts; prepares a tfds dataset fro
 from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax_ft import data, defaults
+from vit_jax_ft import data, defaults, memory
 from vit_jax_ft.data import folder, sources, tfds_source
 
 _CONFIG = config_flags.DEFINE_config_file('config', defaults.__file__,
@@ -19,6 +19,7 @@ _PREPARE = flags.DEFINE_bool('prepare', False, 'Prepare the tfds dataset first (
 
 
 def main(argv):
+  memory.hide_gpus_from_tensorflow()
   del argv
   config = _CONFIG.value
   if _PREPARE.value and not folder.is_folder(config.dataset):

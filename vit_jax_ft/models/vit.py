@@ -5,10 +5,18 @@ Tree: `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
 LayerNorm_1, MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`, `head`;
 hybrids add the ResNet stem (`conv_root`, `gn_root`, `blockN/unitM`) in front.
 GELU is tanh-approximate and LayerNorm eps is 1e-6, as in the official code.
+
+Mixed precision (`dtype=bfloat16`): parameters stay float32 and are cast to bfloat16 where
+they are used, so matmuls, convolutions and activations run in bfloat16, while LayerNorm
+statistics, the attention softmax, the classification head (the logits) and the loss stay
+float32. `attention='dot_product'` runs cuDNN flash attention when the backend is a GPU, the
+dtype bfloat16 or float16 and the head dimension allows it (`attention_implementation`),
+else XLA's version, saying why once in the log.
 """
 import functools
 from typing import Any, Optional, Sequence, Tuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,17 +33,48 @@ CLASSIFIERS = ('token', 'gap')
 POSEMB_KINDS = ('learned', 'none', 'sincos2d')
 
 
+# cuDNN flash attention's limits (jax `check_is_flash_attention`): half-precision inputs and a
+# head dimension that is a multiple of 8, at most 128 (256 from Hopper on; 128 holds on all).
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def attention_implementation(backend: str, dtype: Dtype, head_dim: int
+                             ) -> Tuple[str, Optional[str]]:
+  """('cudnn', None) when cuDNN flash attention can run, else ('xla', why not)."""
+  if backend != 'gpu':
+    return 'xla', f'the backend is {backend}, and cuDNN attention needs an NVIDIA GPU'
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+    return 'xla', (f'dtype is {jnp.dtype(dtype).name}, and cuDNN attention needs bfloat16 or '
+                   "float16 (set config.dtype='bfloat16')")
+  if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+    return 'xla', (f'the head dimension {head_dim} is not a multiple of 8 at most '
+                   f'{CUDNN_MAX_HEAD_DIM}, as cuDNN attention needs')
+  return 'cudnn', None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(reason: str) -> None:
+  """Logs once per reason (every layer of every trace asks)."""
+  logging.info('attention="dot_product" uses XLA attention, not cuDNN: %s.', reason)
+
+
 def fused_attention(query, key, value, bias=None, mask=None, *,
                     dropout_rate: float = 0.0, deterministic: bool = True,
                     dtype: Dtype = None, **unused):
-  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU) for Flax MHA."""
+  """`jax.nn.dot_product_attention` for Flax MHA: cuDNN flash attention where it can run."""
   del unused
   if dropout_rate > 0.0 and not deterministic:
     raise ValueError('attention="dot_product" has no attention dropout; set '
                      'attention_dropout_rate=0 or use attention="dense".')
   if dtype is not None:
     query, key, value = (t.astype(dtype) for t in (query, key, value))
-  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
+  implementation, reason = attention_implementation(jax.default_backend(), query.dtype,
+                                                    query.shape[-1])
+  if reason:
+    _log_fallback(reason)
+  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                      implementation=implementation)
 
 
 class MlpBlock(nn.Module):
@@ -77,7 +116,7 @@ class Encoder1DBlock(nn.Module):
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         broadcast_dropout=False, deterministic=deterministic,
-        dropout_rate=self.attention_dropout_rate,
+        dropout_rate=self.attention_dropout_rate, force_fp32_for_softmax=True,
         attention_fn=attention_fn)(x, x, sow_weights=self.sow_attention)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
@@ -155,7 +194,7 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   resnet_layers: Optional[Sequence[int]] = None
   resnet_width: float = 1
-  attention: str = 'dense'  # 'dense' (official) or 'dot_product' (cuDNN flash on GPU).
+  attention: str = 'dense'  # 'dense' (official) or 'dot_product' (cuDNN on GPU in bf16).
   remat: bool = False  # Rematerialise each block to trade compute for memory.
   sow_attention: bool = False  # Store attention weights in 'intermediates'.
   dtype: Dtype = jnp.float32  # Computation dtype; parameters stay float32.
@@ -189,6 +228,8 @@ class VisionTransformer(nn.Module):
         x = nn.gelu(nn.Dense(width, dtype=self.dtype, name=f'head_hidden_{i}')(x),
                     approximate=True)
         x = nn.Dropout(self.head_dropout_rate)(x, deterministic=not train)
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+    x = x.astype(jnp.float32)
+    if self.num_classes:  # The logits in float32 under mixed precision too.
+      x = nn.Dense(self.num_classes, dtype=jnp.float32, name='head',
                    kernel_init=nn.initializers.zeros)(x)
-    return x.astype(jnp.float32)
+    return x
