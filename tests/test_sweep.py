@@ -1,8 +1,10 @@
 """Studies: grid expansion and names, dev selection, tables with published numbers, resuming."""
 import csv
+import importlib
 import io
 import itertools
 import json
+import math
 import os
 import pathlib
 import signal
@@ -274,3 +276,60 @@ def test_killed_study_resumes_without_rerunning_finished_cells(digits_folder, tm
   out = run_sweep(killed, digits_folder)
   assert out.returncode == 0 and out.stderr.count('was finished') == 3
   assert (killed / 'results.csv').read_text() == before
+
+
+@pytest.mark.parametrize('module, arg, cells, keys', [
+    ('resolution', 'oxford_flowers102', 20, ['pp.crop', 'base_lr']),
+    ('data_fraction', 'cifar100', 32, ['train_fraction', 'model_name', 'base_lr']),
+    ('optimizer_schedule', 'adam', 6, ['decay_type', 'base_lr']),
+    ('head_only', 'cifar100', 8, ['freeze', 'base_lr']),
+])
+def test_study_configs_expand_to_valid_cells(module, arg, cells, keys):
+  config = importlib.import_module(f'configs.studies.{module}').get_config(arg)
+  grid = studies.expand(config)
+  assert len(grid.cells) == cells and grid.name_keys == keys and grid.selected == ['base_lr']
+  held_out = config.pp.train.split('[:')[1].rstrip(']')
+  assert config.sweep.dev_split == f'train[{held_out}:]'
+
+
+def test_head_only_freezes_every_parameter_but_the_head():
+  from configs.studies import head_only  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft import optim  # pylint: disable=import-outside-toplevel
+  params = {'embedding': {'kernel': 0}, 'Transformer': {'encoder_norm': {'scale': 0}},
+            'head': {'kernel': 0, 'bias': 0}, 'headless': {'bias': 0}}
+  mask = optim.frozen_mask(head_only.HEAD_ONLY, params)
+  assert mask == {'embedding': {'kernel': True}, 'Transformer': {'encoder_norm': {'scale': True}},
+                  'head': {'kernel': False, 'bias': False}, 'headless': {'bias': True}}
+
+
+def test_run_study_selects_on_dev_then_retrains_the_winner_on_the_whole_split(tmp_path,
+                                                                              monkeypatch):
+  calls = []
+  dev_scores = {0.01: 0.6, 0.03: 0.8, 0.1: 0.7}
+
+  def fake_train(config, workdir):
+    calls.append((os.path.relpath(workdir, tmp_path), config.pp.train, config.pp.test))
+    on_dev = config.pp.test == 'train[98%:]'
+    accuracy = dev_scores[config.base_lr] if on_dev else config.base_lr + config.pp.crop / 100
+    return {'accuracy_top1': accuracy, 'accuracy_top5': 1.0, 'loss': 0.0, 'num_examples': 1.0}
+
+  monkeypatch.setattr(studies.train, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(studies, '_images_per_sec', lambda workdir: 7.0)
+  config = toy_config(axes=(('pp.crop', (32, 40)), ('base_lr', (0.01, 0.03, 0.1))),
+                      retrain_split='train')
+  studies.run_study(config, str(tmp_path))
+  grid_calls = [(f'pp.crop={c},base_lr={lr}', split, test) for c in (32, 40)
+                for lr in (0.01, 0.03, 0.1) for split, test in (('train[:98%]', 'train[98%:]'),
+                                                                ('train[:98%]', 'test'))]
+  retrain_calls = [(f'retrain/pp.crop={c},base_lr=0.03', 'train', 'test') for c in (32, 40)]
+  assert calls == grid_calls + retrain_calls
+  rows = list(csv.DictReader(io.StringIO((tmp_path / 'results.csv').read_text())))
+  assert [r['role'] for r in rows] == ['grid'] * 6 + ['retrain'] * 2
+  assert math.isnan(float(rows[-1]['dev_top1'])) and float(rows[-1]['test_top1']) == 0.03 + 0.4
+  table = (tmp_path / 'results.md').read_text()
+  assert '| 32 | 35.00 (base_lr=0.03) |' in table and '| 40 | 43.00 (base_lr=0.03) |' in table
+  assert 'retrained on train' in table
+  # Every cell has its result file: a rerun trains nothing.
+  calls.clear()
+  studies.run_study(config, str(tmp_path))
+  assert not calls

@@ -333,7 +333,7 @@ def results_markdown(config: ml_collections.ConfigDict, grid: Grid,
                       else f'{100 * accuracy - paper:+.2f}')
     lines.append('| ' + ' | '.join(fields) + ' |')
   rule = (f'selected by the highest top-1 on {sweep.dev_split} (ties: the first in grid order) '
-          f'among {grid.selected}' if grid.selected else 'no selection')
+          f'among {", ".join(grid.selected)}' if grid.selected else 'no selection')
   retrain = f', retrained on {sweep.retrain_split}' if sweep.retrain_split else ''
   caption = f'Test top-1 (%) on {config.pp.test}; {rule}{retrain}.'
   return caption + '\n\n' + '\n'.join(lines) + '\n'

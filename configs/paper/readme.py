@@ -9,10 +9,15 @@ imagenet2012 (20k), dropout 0.0 and 0.1. `short`: ViT-B_16 on cifar10 and cifar1
 (50 warm-up) and 1000 (100) steps. Both use the README's configs: batch 512, lr 0.03 with
 cosine decay, warm-up 500, accum_steps 8; one run per cell, so no selection.
 """
+import os
+
 import ml_collections
 
-from configs import vit
 from vit_jax_ft import defaults, studies
+
+# Where `python -m vit_jax_ft.hub fetch` puts the ImageNet-21k files, in this repository.
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'checkpoints', 'imagenet21k')
 
 MODELS = ('R50+ViT-B_16', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32')
 DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
@@ -49,7 +54,8 @@ def get_config(table: str = 'full') -> ml_collections.ConfigDict:
   """Returns the README replication study `full` (30 cells) or `short` (4 cells)."""
   if table not in ('full', 'short'):
     raise ValueError(f"Unknown table {table!r}; use 'full' or 'short'.")
-  config = vit.get_config('b16,cifar10')
+  config = defaults.with_dataset(defaults.get_config(), 'cifar10')
+  config.pretrained_dir = PRETRAINED_DIR
   config.base_lr = 0.03
   config.decay_type = 'cosine'
   config.warmup_steps = 500

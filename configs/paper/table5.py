@@ -9,10 +9,15 @@ with lr in {0.003, 0.01, 0.03, 0.06}, the others 10k (CIFAR) or 500 steps (Pets,
 lr in {0.001, 0.003, 0.01, 0.03}. The lr is chosen on the part of the training split the
 preset holds out (2% CIFAR, 1% ImageNet, 10% Pets and Flowers). DATASET: a key of PUBLISHED.
 """
+import os
+
 import ml_collections
 
-from configs import vit
-from vit_jax_ft import studies
+from vit_jax_ft import defaults, studies
+
+# Where `python -m vit_jax_ft.hub fetch` puts the ImageNet-21k files, in this repository.
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'checkpoints', 'imagenet21k')
 
 MODELS = ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 # Table 5 of Dosovitskiy et al. (2021), top-1 %, in the order of MODELS.
@@ -31,7 +36,8 @@ def get_config(dataset: str = 'cifar10') -> ml_collections.ConfigDict:
   """Returns the Table 5 study of `dataset`: 5 models x 4 learning rates."""
   if dataset not in PUBLISHED:
     raise ValueError(f'No Table 5 numbers for {dataset!r}; known: {sorted(PUBLISHED)}.')
-  config = vit.get_config(f'b16,{dataset}')
+  config = defaults.with_dataset(defaults.get_config(), dataset)
+  config.pretrained_dir = PRETRAINED_DIR
   config.weight_decay = 0.0
   config.grad_norm_clip = 1.0
   config.decay_type = 'cosine'

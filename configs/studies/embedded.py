@@ -7,10 +7,19 @@ The embedded Fashion-MNIST ViT (`configs/embedded.py`) fine-tuned on scikit-lear
 28, 32 and 40 px; the learning rate is chosen on 10% of the training folder held out as a dev
 split, and the table reports the test accuracy of the chosen run per resolution.
 """
+import importlib.util
+import os
+
 import ml_collections
 
-from configs import embedded
 from vit_jax_ft import studies
+
+# configs/embedded.py loaded by path, so this file works from any folder (as --config does).
+_SPEC = importlib.util.spec_from_file_location(
+    'embedded_config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    'embedded.py'))
+embedded = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(embedded)
 
 CROPS = (28, 32, 40)
 
