@@ -19,7 +19,7 @@ import logging as std_logging
 import math
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -374,7 +374,7 @@ def plot(grid: Grid, results: Dict[str, Dict[str, Any]], key: str, path: str) ->
     xs, ys = zip(*sorted(xy))
     ax.plot(xs, ys, marker='o', label=label)
   values = [c.values[key] for c in grid.cells]
-  if min(values) > 0 and max(values) / min(values) >= 10:
+  if min(values) > 0 and max(values) / min(values) >= 3:
     ax.set_xscale('log')
   ax.set_xlabel(key)
   ax.set_ylabel(('dev' if selected_axis else 'test') + ' top-1 (%)')

@@ -3,19 +3,14 @@ r"""Training-data fraction: ViT-B/16 against BiT-M-R50x1 on 100, 50, 25 and 10% 
   python -m vit_jax_ft.sweep --config=configs/studies/data_fraction.py:oxford_flowers102 \
       --workdir=runs/fraction_flowers
 
-Both ImageNet-21k models (`python -m vit_jax_ft.hub fetch imagenet21k/ViT-B_16` and
-`bit/BiT-M-R50x1`), the preset of DATASET (cifar100 or oxford_flowers102), `train_fraction`
-of the training split (chosen by `seed`), lr in {0.001, 0.003, 0.01, 0.03} selected on the
+Both ImageNet-21k models by their public names (fetched into checkpoints/ when absent), the
+preset of DATASET (cifar100 or oxford_flowers102), `train_fraction` of the training split
+(chosen by `seed`), lr in {0.001, 0.003, 0.01, 0.03} selected on the
 held-out part. Rows: the fraction; columns: the model.
 """
-import os
-
 import ml_collections
 
 from vit_jax_ft import defaults, studies
-
-CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'checkpoints')
 
 
 def get_config(dataset: str = 'cifar100') -> ml_collections.ConfigDict:
@@ -25,8 +20,7 @@ def get_config(dataset: str = 'cifar100') -> ml_collections.ConfigDict:
   config.sweep.axes = (
       ('train_fraction', (1.0, 0.5, 0.25, 0.1)),
       (('model_name', ('ViT-B_16', 'BiT-M-R50x1')),
-       ('pretrained_dir', (os.path.join(CHECKPOINTS, 'imagenet21k'),
-                           os.path.join(CHECKPOINTS, 'bit_models')))),
+       ('pretrained_path', ('imagenet21k/ViT-B_16', 'BiT-M-R50x1'))),
       ('base_lr', (0.001, 0.003, 0.01, 0.03)))
   config.sweep.dev_split = 'train[' + config.pp.train.split('[:')[1].rstrip(']') + ':]'
   config.sweep.rows = ('train_fraction',)
