@@ -69,6 +69,7 @@ def test_names_are_safe_folder_names():
     (dict(axes=(('base_lr', (0.1,)), ('pp.crop', (32,))), published=(((64,), 99.0),)),
      r'published has \(64,\), which is no table cell'),
     (dict(axes=(('base_lr', ('fast',)),)), "'fast' does not fit config.base_lr"),
+    (dict(axes=(('base_lr', (0.1,)),), retrain_split='train[:98%]'), 'is pp.train itself'),
 ])
 def test_bad_sweeps_are_errors_naming_the_fix(sweep, error):
   with pytest.raises((ValueError, TypeError), match=error):

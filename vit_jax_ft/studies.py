@@ -159,6 +159,9 @@ def expand(config: ml_collections.ConfigDict) -> Grid:
     raise ValueError(f'config.pp.train={config.pp.train!r} contains the dev split '
                      f'{sweep.dev_split!r}; train on the rest, e.g. '
                      f"pp.train='{config.pp.train}[:98%]' with dev_split='train[98%:]'.")
+  if sweep.retrain_split and sweep.retrain_split == config.pp.train:
+    raise ValueError(f'config.sweep.retrain_split={sweep.retrain_split!r} is pp.train itself; '
+                     "give the whole training split (e.g. 'train'), or '' to keep the cells.")
   unselected = [k for k in name_keys if k not in selected]
   rows = _subset('rows', sweep.rows, unselected)
   columns = _subset('columns', sweep.columns, [k for k in unselected if k not in rows])
