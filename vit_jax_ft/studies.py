@@ -253,9 +253,9 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str, dev_split: str) ->
   result = {'dev_top1': dev.get('accuracy_top1', math.nan),
             'dev_top5': dev.get('accuracy_top5', math.nan),
             'test_top1': test['accuracy_top1'], 'test_top5': test['accuracy_top5'],
-            'steps': config.total_steps, 'wall_time_s': round(time.time() - started, 1),
-            'images_per_sec': round(_images_per_sec(workdir), 1)}
-  if jax.process_index() == 0:
+            'steps': config.total_steps, 'wall_time_s': round(time.time() - started, 1)}
+  if jax.process_index() == 0:  # The only process that writes event files and the marker.
+    result['images_per_sec'] = round(_images_per_sec(workdir), 1)
     _write_atomic(marker, json.dumps(result, indent=2))
   return result
 
