@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry points of vit_jax_ft.
 #   ./run.sh            set up, then fine-tune the embedded checkpoint offline and report
+#   ./run.sh study      set up, then run the offline study (workdirs/study; rerun resumes)
 #   ./run.sh test       set up, then run the test suite (pytest arguments may follow)
 #   ./run.sh setup      only create .venv and install the package (pip install -e .[test])
 #   ./run.sh models     list the official models with parameter counts
@@ -35,6 +36,12 @@ case "$cmd" in
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
   models) exec "$VENV/bin/python" -m vit_jax_ft.models "$@" ;;
   python) exec "$VENV/bin/python" "$@" ;;
+  study)
+    # 3 resolutions x 2 learning rates of the embedded ViT on the digits, lr chosen on a dev split.
+    [[ -d workdirs/digits ]] ||
+      "$VENV/bin/python" -m vit_jax_ft.embedded export_digits --out=workdirs/digits
+    exec "$VENV/bin/python" -m vit_jax_ft.sweep --config=configs/studies/embedded.py \
+        --workdir=workdirs/study "$@" ;;
   default)
     # The embedded default: a small ViT pretrained on Fashion-MNIST (checkpoints/embedded/)
     # fine-tuned on scikit-learn's real digits at a new resolution, then evaluated.
