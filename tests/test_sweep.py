@@ -283,7 +283,7 @@ def test_killed_study_resumes_without_rerunning_finished_cells(digits_folder, tm
 @pytest.mark.parametrize('module, arg, cells, keys', [
     ('resolution', 'oxford_flowers102', 20, ['pp.crop', 'base_lr']),
     ('data_fraction', 'cifar100', 32, ['train_fraction', 'model_name', 'base_lr']),
-    ('optimizer_schedule', 'adam', 6, ['decay_type', 'base_lr']),
+    ('optimizer_schedule', 'adam', 9, ['decay_type', 'base_lr']),
     ('head_only', 'cifar100', 8, ['freeze', 'base_lr']),
     ('folder_models', '/data/photos', 12, ['model_name', 'base_lr']),
 ])
@@ -336,3 +336,12 @@ def test_run_study_selects_on_dev_then_retrains_the_winner_on_the_whole_split(tm
   calls.clear()
   studies.run_study(config, str(tmp_path))
   assert not calls
+
+
+def test_exponential_schedule_of_the_study_ends_at_one_percent_of_the_peak():
+  from configs.studies import optimizer_schedule  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft import optim  # pylint: disable=import-outside-toplevel
+  config = optimizer_schedule.get_config('sgd')
+  config.decay_type, config.base_lr = 'exponential', 0.01
+  schedule = optim.learning_rate_schedule(config)
+  assert float(schedule(config.total_steps)) == pytest.approx(0.01 * 0.01, rel=1e-3)

@@ -2,8 +2,9 @@ r"""Head-only against full fine-tuning of ViT-B/16 on a dataset preset, lr selec
 
   python -m vit_jax_ft.sweep --config=configs/studies/head_only.py:cifar100 --workdir=runs/head
 
-`freeze` () trains everything; HEAD_ONLY freezes every parameter but the classifier `head/`
-(the same numerics, frozen parameters get no update). lr in {0.001, 0.003, 0.01, 0.03}.
+`freeze` () trains everything; HEAD_ONLY (`freeze=backbone`) freezes every parameter but the
+classifier (the same numerics, frozen parameters get no update). lr in {0.001, 0.003, 0.01,
+0.03}.
 """
 import os
 
@@ -13,8 +14,8 @@ from vit_jax_ft import defaults, studies
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'checkpoints', 'imagenet21k')
-# Every parameter whose name does not start with 'head/'.
-HEAD_ONLY = ('^(?!head/)',)
+# Every parameter but the head's (optim.FREEZE_PRESETS).
+HEAD_ONLY = ('backbone',)
 
 
 def get_config(dataset: str = 'cifar100') -> ml_collections.ConfigDict:
