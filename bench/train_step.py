@@ -1,14 +1,15 @@
 r"""Training-step benchmark: images/s per device, MFU, memory, ours and the official step.
 
   python -m bench.train_step --models=ViT-B_16 --sizes=224,384 --batch=128 \
-      --dtype=bfloat16 --attention=dense,dot_product --official=/tmp/official
+      --dtype=bfloat16 --attention=dense,dot_product --official=/tmp/official \
+      --official_batch=32
 
 One line per (model, size, attention) with the compile time, step time, images/s per
 device, model FLOPs per image (XLA's cost analysis of the compiled step), MFU against the
 device's peak (`PEAK_TFLOPS` by device kind, or `--peak_tflops`), the memory the compiled
 step needs and the device's peak memory in use; with `--official` (a checkout of
 google-research/vision_transformer) the official step (float32, dense attention: all it
-has) on one device with `--batch` per device follows. `--batch` is per device.
+has) on one device with `--official_batch` follows. `--batch` is per device.
 """
 import pathlib
 import resource
@@ -35,6 +36,8 @@ _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak dense TFLOP/s of one devic
                            'benchmarked dtype; default: PEAK_TFLOPS of the device kind.')
 _OFFICIAL = flags.DEFINE_string('official', None, 'A google-research/vision_transformer '
                                 'checkout: also time its step.')
+_OFFICIAL_BATCH = flags.DEFINE_integer('official_batch', None, 'Batch of the official step '
+                                       '(float32 needs about twice the memory); default --batch.')
 
 # Dense bfloat16 peak TFLOP/s of one device (vendor sheets), by a substring of device_kind.
 PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L4': 121.0, 'V100': 125.0,
@@ -94,13 +97,13 @@ def main(argv):
                      seconds, _BATCH.value * devices, devices), flush=True)
         del run, compiled
       if _OFFICIAL.value:
-        one = {k: v[:_BATCH.value] for k, v in batch.items()}
+        size_one = _OFFICIAL_BATCH.value or _BATCH.value
+        one = steps.data(size_one, size, _CLASSES.value)
         root = pathlib.Path(_OFFICIAL.value).expanduser().resolve()
         run, compiled, seconds = steps.compile_seconds(
-            lambda: steps.official_step(root, name, _CLASSES.value, _ACCUM.value,
-                                                   one))
+            lambda: steps.official_step(root, name, _CLASSES.value, _ACCUM.value, one))
         print(report(f'official {name} {size}px float32 dense', run, compiled, seconds,
-                     _BATCH.value, 1), flush=True)
+                     size_one, 1), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,6 @@
 """Models: official names and sizes, and outputs against an independent numpy forward pass."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,26 @@ def test_features_without_head():
   out = model.apply(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))),
                     jnp.zeros((3, 32, 32, 3)))
   assert out.shape == (3, 16)
+
+
+@pytest.mark.parametrize('size', [32, 35])  # 35: 'VALID' drops the incomplete patches.
+def test_patch_embedding_equals_the_official_strided_convolution(size):
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft.models.vit import PatchEmbedding  # pylint: disable=import-outside-toplevel
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)),
+                       jnp.float32)
+  conv = nn.Conv(16, (8, 8), strides=(8, 8), padding='VALID')
+  ours = PatchEmbedding(16, (8, 8))
+  params = conv.init(jax.random.PRNGKey(0), images)
+  ours_params = ours.init(jax.random.PRNGKey(0), images)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ours_params)
+  np.testing.assert_array_equal(params['params']['kernel'], ours_params['params']['kernel'])
+  params['params']['bias'] = jnp.linspace(-1, 1, 16)
+
+  def loss(module, p):
+    return jnp.sum(jnp.sin(module.apply(p, images)))
+  np.testing.assert_allclose(ours.apply(params, images), conv.apply(params, images),
+                             rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(functools.partial(loss, ours))(params)),
+                  jax.tree.leaves(jax.grad(functools.partial(loss, conv))(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -169,6 +169,30 @@ def sincos_posemb_2d(grid: Tuple[int, int], width: int, num_prefix_tokens: int,
   return jnp.concatenate([jnp.zeros((num_prefix_tokens, width)), table])[None]
 
 
+class PatchEmbedding(nn.Module):
+  """The official stride-p p x p `nn.Conv` (same parameters and init) as patches @ kernel.
+
+  XLA CPU runs the kernel gradient of that convolution with a slow generic loop inside the
+  gradient-accumulation loop (a fifth of the step at accum_steps=8); as one matmul it is fast
+  on every backend.
+  """
+
+  features: int
+  patch_size: Tuple[int, int]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    (ph, pw), c = self.patch_size, x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (ph, pw, c, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    n, gh, gw = x.shape[0], x.shape[1] // ph, x.shape[2] // pw  # 'VALID': the rest is cut.
+    patches = x[:, :gh * ph, :gw * pw].reshape(n, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, gh, gw, ph * pw * c).astype(self.dtype)
+    return patches @ kernel.reshape(ph * pw * c, self.features).astype(self.dtype) + bias.astype(
+        self.dtype)
+
+
 class AddPositionEmbs(nn.Module):
   """Adds a learned position embedding (BERT init, stddev 0.02)."""
 
@@ -208,8 +232,8 @@ class VisionTransformer(nn.Module):
     x = images.astype(self.dtype)
     if self.resnet_layers is not None:
       x = resnet.hybrid_stem(x, self.resnet_layers, self.resnet_width, self.dtype)
-    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size,
-                padding='VALID', dtype=self.dtype, name='embedding')(x)
+    x = PatchEmbedding(self.hidden_size, tuple(self.patch_size), self.dtype,
+                       name='embedding')(x)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     if self.classifier == 'token':
