@@ -101,13 +101,13 @@ def test_table_of_many_classes_lists_the_least_accurate():
 
 def test_dataset_flags_and_their_errors():
   config = evaluate.defaults.get_config()
-  imagenet = evaluate.with_dataset(config, 'imagenet2012', batch_eval=16)
+  imagenet = evaluate.evaluation_config(config, 'imagenet2012', batch_eval=16)
   assert (imagenet.pp.test, imagenet.pp.train, imagenet.batch_eval) == (
       'validation', 'train[:99%]', 16)
-  assert evaluate.with_dataset(imagenet, split='validation[:10]').pp.test == 'validation[:10]'
+  assert evaluate.evaluation_config(imagenet, split='validation[:10]').pp.test == 'validation[:10]'
   assert config.dataset == ''  # The given config is not modified.
   with pytest.raises(ValueError, match='--dataset'):
-    evaluate.with_dataset(config)
+    evaluate.evaluation_config(config)
   with pytest.raises(ValueError, match='--output_dir'):
     evaluate.default_output_dir(None, 'test', None)
   assert evaluate.default_output_dir('/w', 'train[:10%]', 7) == '/w/evaluation/train_10_step7'
@@ -218,7 +218,7 @@ def test_cli_on_a_folder_of_real_photos(cifar_folder, tmp_path):
   # The linear probe of the same checkpoint (in-process: the CLI path is the same code).
   loaded = predict.load_model(checkpoint_path=path, model_name='testing', image_size=32,
                               with_head=False)
-  config = evaluate.with_dataset(loaded.config, str(root), batch_eval=4)
+  config = evaluate.evaluation_config(loaded.config, str(root), batch_eval=4)
   accuracy = evaluate.run_linear_probe(loaded, config, (1, 2, 0), l2_reg=1.0, seed=0)
   trunk = {k: v for k, v in params.items() if k != 'head'}
   headless = model.clone(num_classes=0)

@@ -19,6 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tensorflow.io import gfile
 
+from vit_jax_ft import paths
 from vit_jax_ft.run_dir import checkpoint_dir
 
 
@@ -59,7 +60,7 @@ def state_bytes(tree: Any) -> int:
 
 def check_space(workdir: str, target: Any) -> None:
   """Fails before training when a local workdir has no room for one more checkpoint."""
-  if '://' in workdir:
+  if paths.is_remote(workdir):
     return
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):  # Another host may not have made it yet.

@@ -150,11 +150,12 @@ def write_scalars(logdir: str, step: int, scalars: Dict[str, float]) -> None:
   writer.close()
 
 
-def with_dataset(config: ml_collections.ConfigDict, dataset: Optional[str] = None,
-                 split: Optional[str] = None, train_split: Optional[str] = None,
-                 batch_eval: Optional[int] = None, data_dir: Optional[str] = None,
-                 manual_dir: Optional[str] = None) -> ml_collections.ConfigDict:
-  """`config` with the data to evaluate on; unset arguments keep the config's values
+def evaluation_config(config: ml_collections.ConfigDict, dataset: Optional[str] = None,
+                      split: Optional[str] = None, train_split: Optional[str] = None,
+                      batch_eval: Optional[int] = None, data_dir: Optional[str] = None,
+                      manual_dir: Optional[str] = None) -> ml_collections.ConfigDict:
+  """A run's config pointed at the data to evaluate on (unlike `defaults.with_dataset`, which
+  applies a whole training preset); unset arguments keep the config's values
   (a preset's test split for a newly named dataset)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if dataset:
@@ -216,7 +217,7 @@ def main(argv: List[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   loaded = predict.model_from_flags(with_head=not FLAGS.linear_probe)
-  config = with_dataset(loaded.config, FLAGS.dataset, FLAGS.split, FLAGS.train_split,
+  config = evaluation_config(loaded.config, FLAGS.dataset, FLAGS.split, FLAGS.train_split,
                         FLAGS.batch_eval, FLAGS.tfds_data_dir, FLAGS.tfds_manual_dir)
   split, step = config.pp.test, loaded.step or 0
   output_dir = FLAGS.output_dir or default_output_dir(FLAGS.workdir, split, loaded.step)

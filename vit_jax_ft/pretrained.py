@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from vit_jax_ft import hub
+from vit_jax_ft import hub, paths
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
@@ -20,7 +20,7 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   if not config.pretrained_dir:
     return None
   path = os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
-  if '://' not in path and not os.path.exists(path):
+  if not paths.is_remote(path) and not os.path.exists(path):
     raise FileNotFoundError(
         f'No pretrained checkpoint at {path}. Fetch it with `python -m vit_jax_ft.hub fetch '
         f'imagenet21k/{config.model_name} --dest=checkpoints` and set '

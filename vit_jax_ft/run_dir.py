@@ -21,7 +21,7 @@ from etils import epath
 from flax import traverse_util
 from tensorflow.io import gfile
 
-from vit_jax_ft import models, parallel
+from vit_jax_ft import models, parallel, paths
 
 CONFIG_FILE = 'config.json'
 DATASET_INFO_FILE = 'dataset_info.json'
@@ -43,7 +43,7 @@ class Loaded:
 def checkpoint_dir(workdir: str) -> str:
   """`workdir/checkpoints`, made absolute for local paths as orbax requires."""
   path = os.path.join(workdir, 'checkpoints')
-  return path if '://' in path else os.path.abspath(path)
+  return path if paths.is_remote(path) else os.path.abspath(path)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
