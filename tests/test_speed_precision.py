@@ -96,7 +96,7 @@ def test_bfloat16_train_step_keeps_fp32_params_grads_and_loss():
   params = model.init(jax.random.PRNGKey(0), batch['image'][:1])['params']
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params))
-  step = functools.partial(train.train_step, model=model, tx=tx, accum_steps=2,
+  step = functools.partial(train.train_step, model=model, tx=tx, accum_steps=1,
                            dropout_rng=jax.random.PRNGKey(1))
   new_state, metrics = jax.jit(step)(state, batch)
   assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
