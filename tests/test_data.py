@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import SHARED_DATA
-from vit_jax_ft import data, defaults, parallel, train
+from vit_jax_ft import data, defaults, parallel, run_dir, train
 from vit_jax_ft.data import tfds_source
 
 CLASSES = ('airplane', 'cat', 'ship')
@@ -350,7 +350,8 @@ def test_corrupt_images_are_named_and_counted_in_every_split(tmp_path, caplog, c
   ship = CLASSES.index('ship')
   assert info.train_class_counts == [n + in_stream * (c == ship) for c, n in
                                      enumerate(TRAIN_SIZES)]
-  train.write_run_files(config, str(tmp_path / 'workdir'), info)
+  train.write_run_files(config, str(tmp_path / 'workdir'), info,
+                        run_dir.build_model(config, info.num_classes))
   saved = json.loads((tmp_path / 'workdir' / 'dataset_info.json').read_text())
   assert (saved['num_train_corrupt'], saved['num_test_corrupt']) == (left_out, left_out)
 

@@ -47,7 +47,7 @@ def _wait(processes):
 
 def _training(workdir, process) -> int:
   """How many runs of `process` have entered the training loop so far."""
-  return read_log(workdir, process).count('Training steps') if workdir.is_dir() else 0
+  return read_log(workdir, process).count('The first step compiles.') if workdir.is_dir() else 0
 
 
 def _terminate_in_training(workdir, dataset, targets):

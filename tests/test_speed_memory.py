@@ -109,7 +109,7 @@ def test_auto_accum_steps_without_a_limit_asks_for_a_budget():
 
 @pytest.mark.parametrize('key, value, match', [
     ('accum_steps', 0, 'must be a positive integer'),
-    ('accum_steps', 5, r'divisible by devices \(1\) x accum_steps \(5\)'),
+    ('accum_steps', 5, r'config.batch=16 must be a positive multiple of 5.*accum_steps=5'),
     ('memory_budget_gb', -1.0, 'must be positive'),
 ])
 def test_bad_accumulation_settings_are_named(key, value, match):

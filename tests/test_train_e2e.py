@@ -191,7 +191,7 @@ def _kill_during_a_save(workdir, process):
 
 def _kill_in_training(workdir, process, runs_before, delay):
   """SIGKILL `delay` seconds after this run logs that training starts."""
-  while read_log(workdir).count('Training steps') == runs_before:
+  while read_log(workdir).count('The first step compiles.') == runs_before:
     assert process.poll() is None, 'the run ended before training'
     time.sleep(0.01)
   time.sleep(delay)
@@ -204,7 +204,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(digits_folder, r
   workdir = tmp_path / 'faults'
   rng = np.random.default_rng(0)
   for attempt in range(3):
-    runs_before = read_log(workdir).count('Training steps') if workdir.is_dir() else 0
+    runs_before = read_log(workdir).count('The first step compiles.') if workdir.is_dir() else 0
     process = run_cli(workdir, digits_folder, stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL)
     if attempt == 0:

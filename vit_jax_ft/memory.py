@@ -5,6 +5,8 @@ from absl import logging
 import jax
 import ml_collections
 
+from vit_jax_ft import parallel
+
 # Share of a device's memory limit a step may plan for: the allocator fragments the rest.
 HEADROOM = 0.9
 
@@ -17,21 +19,16 @@ def hide_gpus_from_tensorflow() -> None:
 
 def check_accum_steps(config: ml_collections.ConfigDict) -> None:
   """Rejects an accumulation set-up that cannot split `config.batch`, before any compile."""
-  devices = jax.device_count()
   if config.memory_budget_gb is not None and config.memory_budget_gb <= 0:
     raise ValueError(f'config.memory_budget_gb={config.memory_budget_gb} must be positive '
                      '(or None: the device memory limit).')
   if config.auto_accum_steps:
-    if config.batch % devices:
-      raise ValueError(f'config.batch={config.batch} must be divisible by the {devices} '
-                       'devices.')
+    parallel.check_batch_size(config.batch, 'batch')
     return
   if not isinstance(config.accum_steps, int) or config.accum_steps < 1:
     raise ValueError(f'config.accum_steps={config.accum_steps!r} must be a positive integer; '
                      'or set config.auto_accum_steps=True to fit the device memory.')
-  if config.batch % (devices * config.accum_steps):
-    raise ValueError(f'config.batch={config.batch} must be divisible by devices '
-                     f'({devices}) x accum_steps ({config.accum_steps}).')
+  parallel.check_batch_size(config.batch, 'batch', config.accum_steps)
 
 
 def step_bytes(compiled: Any) -> int:

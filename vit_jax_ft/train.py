@@ -262,9 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Fine-tunes `config.model_name` on `config.dataset`; returns the final test metrics."""
   started = time.time()
   mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.batch, 'batch', config.accum_steps)
-  parallel.check_batch_size(config.batch_eval, 'batch_eval')
   memory.check_accum_steps(config)
+  parallel.check_batch_size(config.batch_eval, 'batch_eval')
   info = data.get_dataset_info(config)
   model = build_model(config, info.num_classes)
   if 'batch_stats' in models.abstract_variables(model, config.pp.crop):
