@@ -131,17 +131,28 @@ def test_tensorflow_sees_no_gpu(monkeypatch):
   assert tf.config.get_visible_devices('GPU') == []
 
 
-ENTRY_POINTS = ['vit_jax_ft/main.py', 'vit_jax_ft/evaluate.py', 'vit_jax_ft/predict.py',
+ENTRY_POINTS = ['vit_jax_ft/evaluate.py', 'vit_jax_ft/predict.py',
                 'vit_jax_ft/embedded.py', 'vit_jax_ft/explain/__main__.py',
                 'vit_jax_ft/data/__main__.py', 'bench/input_pipeline.py',
                 'bench/train_step.py', 'bench/compare_official.py']
 
 
-@pytest.mark.parametrize('path', ENTRY_POINTS)
-def test_every_entry_point_hides_gpus_from_tensorflow_first(path):
+# The training commands start through launch.start, whose first statement hides the GPUs.
+LAUNCHED = ['vit_jax_ft/main.py', 'vit_jax_ft/sweep.py']
+
+
+def _first_statement(path: str, function: str) -> str:
   tree = ast.parse((ROOT / path).read_text())
-  main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'main')
-  body = [s for s in main.body if not isinstance(s, ast.Expr)
+  body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function).body
+  body = [s for s in body if not isinstance(s, ast.Expr)
           or not isinstance(s.value, ast.Constant)]  # Past a docstring.
-  first = ast.unparse(body[0])
-  assert first == 'memory.hide_gpus_from_tensorflow()', (path, first)
+  return ast.unparse(body[0])
+
+
+@pytest.mark.parametrize('path', ENTRY_POINTS + LAUNCHED)
+def test_every_entry_point_hides_gpus_from_tensorflow_first(path):
+  first = _first_statement(path, 'main')
+  assert first == ('launch.start()' if path in LAUNCHED
+                   else 'memory.hide_gpus_from_tensorflow()'), (path, first)
+  assert _first_statement('vit_jax_ft/launch.py', 'start') == (
+      'memory.hide_gpus_from_tensorflow()')

@@ -16,25 +16,15 @@ import jax
 from ml_collections import config_flags
 from tensorflow.io import gfile
 
-from vit_jax_ft import checkpointing, logs, memory, train
+from vit_jax_ft import checkpointing, launch, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and its argument, e.g. configs/vit.py:b16,cifar10.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, logs and the '
                                'resolved config go (local or gs://); rerun to resume.')
-_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host runs).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, when not detected automatically.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
-_LIBRARY_LOGS = flags.DEFINE_bool('library_logs', False, "Also print other libraries' INFO "
-                                  'lines (orbax, clu, jax); the workdir log keeps them anyway.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a killed process).
-PREEMPTED_EXIT_CODE = 143
 # Exit status of a run that cannot write its workdir or a checkpoint, or read any checkpoint.
 WORKDIR_EXIT_CODE = 2
 
@@ -49,12 +39,9 @@ def add_gfile_logger(workdir: str) -> None:
 
 
 def main(argv):
-  memory.hide_gpus_from_tensorflow()
+  launch.start()
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logs.configure_terminal(_LIBRARY_LOGS.value)
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
   try:
     checkpointing.check_workdir(workdir)
@@ -65,7 +52,7 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, workdir)
   except train.Preempted as e:
     logging.warning('%s', e)
-    sys.exit(PREEMPTED_EXIT_CODE)
+    sys.exit(launch.PREEMPTED_EXIT_CODE)
   except (checkpointing.WorkdirError, checkpointing.CheckpointError) as e:
     logging.error('%s', e)
     sys.exit(WORKDIR_EXIT_CODE)
