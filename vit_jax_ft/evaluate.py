@@ -31,7 +31,8 @@ from absl import app, flags, logging
 from clu import metric_writers
 from tensorflow.io import gfile
 
-from vit_jax_ft import data, defaults, linear_probe, memory, metrics, parallel, predict, run_dir
+from vit_jax_ft import (data, defaults, linear_probe, logs, memory, metrics, parallel, predict,
+                        run_dir)
 from vit_jax_ft.explain import figures
 from vit_jax_ft.metrics import ClassificationMetrics, f1_scores
 
@@ -214,6 +215,7 @@ def define_flags() -> None:
 
 def main(argv: List[str]) -> None:
   memory.hide_gpus_from_tensorflow()
+  logs.configure_terminal()  # Other libraries' INFO (orbax's restore) off the terminal.
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   loaded = predict.model_from_flags(with_head=not FLAGS.linear_probe)

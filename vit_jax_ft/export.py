@@ -14,7 +14,7 @@ from typing import List, Optional
 import jax
 from absl import app, flags
 
-from vit_jax_ft import checkpoint, models, run_dir
+from vit_jax_ft import checkpoint, logs, models, run_dir
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +52,7 @@ def define_flags() -> None:
 
 
 def main(argv: List[str]) -> None:
+  logs.configure_terminal()  # Other libraries' INFO (orbax's restore) off the terminal.
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   loaded = export(FLAGS.workdir, FLAGS.out, FLAGS.step)

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from vit_jax_ft import checkpoint, defaults, hub, memory, models, run_dir
+from vit_jax_ft import checkpoint, defaults, hub, logs, memory, models, run_dir
 from vit_jax_ft.data import preprocess
 
 FLAGS = flags.FLAGS
@@ -173,6 +173,7 @@ def model_from_flags(with_head: bool = True) -> run_dir.Loaded:
 
 def main(argv: List[str]) -> None:
   memory.hide_gpus_from_tensorflow()
+  logs.configure_terminal()  # Other libraries' INFO (orbax's restore) off the terminal.
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files: python -m vit_jax_ft.predict '

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 from absl import app, flags, logging
 
-from vit_jax_ft import memory, predict, run_dir
+from vit_jax_ft import logs, memory, predict, run_dir
 from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
 from vit_jax_ft.models.vit import VisionTransformer
 
@@ -153,6 +153,7 @@ def define_flags() -> None:
 
 def main(argv: List[str]) -> None:
   memory.hide_gpus_from_tensorflow()
+  logs.configure_terminal()  # Other libraries' INFO (orbax's restore) off the terminal.
   image_paths = argv[1:]
   unknown = set(FLAGS.figures) - set(FIGURES) - {'all'}
   if unknown:
