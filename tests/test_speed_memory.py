@@ -59,7 +59,7 @@ def test_auto_accum_steps_picks_the_fewest_micro_batches_that_fit_the_budget():
   needs = {k: need_of(config, tx, mesh, k) for k in (1, 2)}
   assert needs[1] > needs[2]  # Smaller micro-batches, less memory.
   config.memory_budget_gb = (needs[2] + needs[1]) / 2 / 2**30
-  accum_steps, model = train.fit_in_memory(config, 5, tx, mesh)
+  accum_steps, model = train.fit_in_memory(config, train.build_model(config, 5), tx, mesh)
   assert accum_steps == 2 and not model.remat
 
 
@@ -68,7 +68,7 @@ def test_auto_accum_steps_turns_on_remat_only_when_no_split_fits():
   plain, remat = need_of(config, tx, mesh, 8), need_of(config, tx, mesh, 8, remat=True)
   assert remat < plain
   config.memory_budget_gb = (remat + plain) / 2 / 2**30
-  accum_steps, model = train.fit_in_memory(config, 5, tx, mesh)
+  accum_steps, model = train.fit_in_memory(config, train.build_model(config, 5), tx, mesh)
   assert accum_steps == 8 and model.remat
 
 

@@ -71,9 +71,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                          tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
                          ) -> TrainState:
   """Shapes, dtypes and shardings of the train state, to restore a checkpoint into."""
-  size = config.pp.crop
-  params = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)['params'])
+  params = models.abstract_variables(model, config.pp.crop)['params']
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                      opt_state=jax.eval_shape(tx.init, params))
   sharding = parallel.replicated(mesh)
@@ -147,12 +145,11 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *, accum_
                  donate_argnums=0)
 
 
-def fit_in_memory(config: ml_collections.ConfigDict, num_classes: int,
+def fit_in_memory(config: ml_collections.ConfigDict, base: nn.Module,
                   tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                   frozen: Optional[Any] = None) -> Tuple[int, nn.Module]:
-  """(accum_steps, model): the fewest micro-batches (then remat) whose compiled step fits
-  the device memory or `config.memory_budget_gb` (`config.auto_accum_steps`)."""
-  base = build_model(config, num_classes)
+  """(accum_steps, model): the fewest micro-batches (then `base` with remat) whose compiled
+  step fits the device memory or `config.memory_budget_gb` (`config.auto_accum_steps`)."""
   state = abstract_train_state(config, base, tx, mesh)
   size, sharding = config.pp.crop, parallel.batch_sharded(mesh)
   batch = {'image': jax.ShapeDtypeStruct((config.batch, size, size, 3), jnp.float32,
@@ -168,8 +165,6 @@ def fit_in_memory(config: ml_collections.ConfigDict, num_classes: int,
     return step.lower(state, batch).compile()
   accum_steps, remat = memory.fit_accum_steps(config, compile_step)
   return accum_steps, model_with(remat)
-
-
 
 
 class Preempted(Exception):
@@ -290,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
   accum_steps, step_model = config.accum_steps, model
   if config.auto_accum_steps:
-    accum_steps, step_model = fit_in_memory(config, info.num_classes, tx, mesh, frozen)
+    accum_steps, step_model = fit_in_memory(config, model, tx, mesh, frozen)
   step_fn = jit_train_step(step_model, tx, accum_steps=accum_steps, seed=config.seed,
                            frozen=frozen)
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
