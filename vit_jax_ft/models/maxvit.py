@@ -221,7 +221,7 @@ class PartitionAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, c = x.shape
+    _, h, w, c = x.shape
     split, merge = ((grid_partition, grid_unpartition) if self.grid
                     else (swin.partition, swin.unpartition))
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name='norm1')(x)
