@@ -29,12 +29,13 @@ from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
 from vit_jax_ft import paths
-from vit_jax_ft.models import mixer, resnet_v1, swin
+from vit_jax_ft.models import maxvit, mixer, resnet_v1, swin
 
 Params = Dict[str, Any]
 
-# The task-specific layers a fine-tuning run starts afresh: the classifier and its hidden layers.
-_HEAD = re.compile(r'^head(_hidden_\d+)?/')
+# The task-specific layers a fine-tuning run starts afresh: the classifier and its hidden layers;
+# not the norm and pre-logits inside timm's head (MaxViT's), which timm keeps on a new head.
+_HEAD = re.compile(r'^head(_hidden_\d+)?/(?!norm/|pre_logits/)')
 
 # Linen name -> pre-Linen name inside each `encoderblock_N`.
 _LINEN_TO_PRE_LINEN = {
@@ -173,6 +174,7 @@ STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
     'swin': (swin.is_timm_state_dict, lambda state: {'params': swin.from_timm(state)}),
     'mixer': (mixer.is_timm_state_dict, lambda state: {'params': mixer.from_timm(state)}),
     'resnet_v1': (resnet_v1.is_timm_state_dict, resnet_v1.from_timm),
+    'maxvit': (maxvit.is_timm_state_dict, maxvit.from_timm),
 }
 
 
@@ -283,6 +285,18 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int,
   return np.concatenate([tok, grid.reshape(1, new * new, -1)], axis=1)
 
 
+def _resize_bias_table(key: str, table: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  """Swin's (positions, heads) or MaxViT's (heads, 2h - 1, 2w - 1) table resized to `shape`."""
+  if len(shape) == 3:
+    window = ((shape[1] + 1) // 2, (shape[2] + 1) // 2)
+    resize = maxvit.resize_relative_position_bias
+  else:
+    window = ((int(round(np.sqrt(shape[0]))) + 1) // 2,) * 2
+    resize = swin.resize_relative_position_bias
+  logging.info('Resizing %s to a %dx%d window', key, *window)
+  return resize(table, window)
+
+
 def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
   """Loads `path` for fine-tuning a model whose fresh params are `init_params` (see `adapt`)."""
   return adapt(load(path), init_params, source=path)
@@ -321,9 +335,7 @@ def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,
     if key.endswith('posembed_input/pos_embedding') and value.shape != init_value.shape:
       value = interpolate_posembed(value, init_value.shape[1], 'cls' in init_params)
     if key.endswith('relative_position_bias_table') and value.shape != init_value.shape:
-      side = int(round(np.sqrt(init_value.shape[0])))  # Swin's tables are (2w - 1)^2 rows.
-      logging.info('Resizing %s to a %dx%d window', key, (side + 1) // 2, (side + 1) // 2)
-      value = swin.resize_relative_position_bias(value, ((side + 1) // 2,) * 2)
+      value = _resize_bias_table(key, value, init_value.shape)
     if '/token_mixing/' in key and value.shape != init_value.shape:
       # Dense_0's kernel maps the patches: its first axis is their number.
       tokens = key.split('/token_mixing/')[0] + '/token_mixing/Dense_0/kernel'

@@ -88,6 +88,19 @@ MODEL_SPECS.update({
     'mixer_b16_224': _mixer(16, 768, 12, 384, 3072, gelu_approximate=False),
     'mixer_l16_224': _mixer(16, 1024, 24, 512, 4096, gelu_approximate=False),
 })
+# timm's MaxViT ported from the TensorFlow release ('tf' configs); the partitions follow the
+# image size (image_size // 32), so the 224 and 384 names share a spec.
+_MAXVIT_T = dict(kind='maxvit', embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2),
+                 head_hidden_size=512)
+_MAXVIT_S = dict(kind='maxvit', embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2),
+                 head_hidden_size=768)
+_MAXVIT_B = dict(_MAXVIT_S, depths=(2, 6, 14, 2))
+MODEL_SPECS.update({
+    'maxvit_tiny_tf_224': _MAXVIT_T,
+    'maxvit_small_tf_224': _MAXVIT_S,
+    'maxvit_base_tf_224': _MAXVIT_B,
+    'maxvit_base_tf_384': _MAXVIT_B,
+})
 for _prefix in ('BiT-S', 'BiT-M'):
   for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
     MODEL_SPECS[f'{_prefix}-R{_depth}x{_width}'] = _bit(_depth, _width)
