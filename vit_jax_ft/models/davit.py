@@ -86,7 +86,7 @@ class SpatialBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    b, h, w, c = x.shape
+    h, w, c = x.shape[1:]
     window = (self.window, self.window)
     x = ConvPosEnc(self.dtype, name='cpe1')(x)
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name='norm1')(x)
