@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax_ft.models.davit import DaVit
 from vit_jax_ft.models.maxvit import MaxVit
 from vit_jax_ft.models.mixer import MlpMixer
 from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
@@ -15,7 +16,8 @@ from vit_jax_ft.models.swin import SwinTransformer
 from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, POSEMB_KINDS, VisionTransformer
 
 MODEL_CLASSES = {'vit': VisionTransformer, 'bit': BitResNet, 'mixer': MlpMixer,
-                 'swin': SwinTransformer, 'resnet_v1': ResNetV1, 'maxvit': MaxVit}
+                 'swin': SwinTransformer, 'resnet_v1': ResNetV1, 'maxvit': MaxVit,
+                 'davit': DaVit}
 # Options that take one of a few values.
 CHOICES = {'attention': ATTENTION_KINDS, 'classifier': CLASSIFIERS, 'posemb': POSEMB_KINDS}
 

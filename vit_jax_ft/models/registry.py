@@ -101,6 +101,14 @@ MODEL_SPECS.update({
     'maxvit_base_tf_224': _MAXVIT_B,
     'maxvit_base_tf_384': _MAXVIT_B,
 })
+# timm's DaViT names: (depths, embed_dims, num_heads).
+MODEL_SPECS.update({
+    f'davit_{size}': dict(kind='davit', depths=depths, embed_dims=dims, num_heads=heads)
+    for size, depths, dims, heads in (
+        ('tiny', (1, 1, 3, 1), (96, 192, 384, 768), (3, 6, 12, 24)),
+        ('small', (1, 1, 9, 1), (96, 192, 384, 768), (3, 6, 12, 24)),
+        ('base', (1, 1, 9, 1), (128, 256, 512, 1024), (4, 8, 16, 32)))
+})
 for _prefix in ('BiT-S', 'BiT-M'):
   for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
     MODEL_SPECS[f'{_prefix}-R{_depth}x{_width}'] = _bit(_depth, _width)

@@ -105,11 +105,12 @@ def resize_relative_position_bias(table: np.ndarray, window: Tuple[int, int]) ->
 
 
 class WindowAttention(nn.Module):
-  """Multi-head self-attention within each window, with the relative position bias."""
+  """Multi-head self-attention within each window, with (Swin) or without (DaViT) the bias."""
 
   num_heads: int
   window: Tuple[int, int]
   dtype: Dtype = jnp.float32
+  relative_position_bias: bool = True
 
   @nn.compact
   def __call__(self, x, mask: Optional[np.ndarray]):
@@ -119,10 +120,11 @@ class WindowAttention(nn.Module):
     qkv = qkv.reshape(n_windows, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
-    table = self.param('relative_position_bias_table', nn.initializers.truncated_normal(0.02),
-                       ((2 * self.window[0] - 1) * (2 * self.window[1] - 1), self.num_heads))
-    bias = table[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1)
-    logits = logits + bias.transpose(2, 0, 1).astype(logits.dtype)
+    if self.relative_position_bias:
+      table = self.param('relative_position_bias_table', nn.initializers.truncated_normal(0.02),
+                         ((2 * self.window[0] - 1) * (2 * self.window[1] - 1), self.num_heads))
+      bias = table[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1)
+      logits = logits + bias.transpose(2, 0, 1).astype(logits.dtype)
     if mask is not None:
       logits = logits.reshape(-1, mask.shape[0], self.num_heads, n, n)
       logits = (logits + jnp.asarray(mask, logits.dtype)[None, :, None]).reshape(
@@ -271,6 +273,24 @@ class SwinTransformer(nn.Module):
     return x.astype(jnp.float32)
 
 
+def flax_leaf(name: str, value: np.ndarray) -> Tuple[str, np.ndarray]:
+  """A PyTorch leaf as Flax holds it: conv and linear weights transposed, norm weights `scale`."""
+  if name != 'weight':
+    return name, value
+  if value.ndim == 4:  # Conv (out, in / groups, h, w) -> (h, w, in / groups, out).
+    return 'kernel', value.transpose(2, 3, 1, 0)
+  if value.ndim == 2:  # Linear (out, in) -> (in, out).
+    return 'kernel', value.T
+  return 'scale', value  # LayerNorm.
+
+
+def torch_leaf(name: str, value: np.ndarray) -> Tuple[str, np.ndarray]:
+  """The inverse of `flax_leaf`: a Flax leaf as PyTorch holds it."""
+  if name == 'kernel':
+    return 'weight', value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  return ('weight' if name == 'scale' else name), value
+
+
 def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:
   """Whether the keys are timm's Swin layout."""
   return any(k.endswith('attn.relative_position_bias_table') for k in state_dict) and any(
@@ -283,14 +303,7 @@ def from_timm(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   for key, value in state_dict.items():
     if key.endswith(('relative_position_index', 'attn_mask')):
       continue  # Buffers that timm recomputes; so does this module.
-    path = re.sub(r'\.(\d+)\.', r'_\1.', key).split('.')
-    value = np.asarray(value)
-    if path[-1] == 'weight':
-      if value.ndim == 4:  # Conv (out, in, h, w) -> (h, w, in, out).
-        path[-1], value = 'kernel', value.transpose(2, 3, 1, 0)
-      elif value.ndim == 2:  # Linear (out, in) -> (in, out).
-        path[-1], value = 'kernel', value.T
-      else:  # LayerNorm.
-        path[-1] = 'scale'
-    flat[tuple(path)] = value
+    *path, leaf = re.sub(r'\.(\d+)\.', r'_\1.', key).split('.')
+    leaf, value = flax_leaf(leaf, np.asarray(value))
+    flat[(*path, leaf)] = value
   return traverse_util.unflatten_dict(flat)
