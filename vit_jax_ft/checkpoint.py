@@ -29,7 +29,7 @@ from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
 from vit_jax_ft import paths
-from vit_jax_ft.models import mixer, resnet_v1, swin
+from vit_jax_ft.models import mixer, nat, resnet_v1, swin
 
 Params = Dict[str, Any]
 
@@ -173,6 +173,7 @@ STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
     'swin': (swin.is_timm_state_dict, lambda state: {'params': swin.from_timm(state)}),
     'mixer': (mixer.is_timm_state_dict, lambda state: {'params': mixer.from_timm(state)}),
     'resnet_v1': (resnet_v1.is_timm_state_dict, resnet_v1.from_timm),
+    'nat': (nat.is_authors_state_dict, lambda state: {'params': nat.from_authors(state)}),
 }
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax_ft.models.mixer import MlpMixer
+from vit_jax_ft.models.nat import NAT
 from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
 from vit_jax_ft.models.resnet import BitResNet
 from vit_jax_ft.models.resnet_v1 import ResNetV1
@@ -14,7 +15,7 @@ from vit_jax_ft.models.swin import SwinTransformer
 from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, POSEMB_KINDS, VisionTransformer
 
 MODEL_CLASSES = {'vit': VisionTransformer, 'bit': BitResNet, 'mixer': MlpMixer,
-                 'swin': SwinTransformer, 'resnet_v1': ResNetV1}
+                 'swin': SwinTransformer, 'resnet_v1': ResNetV1, 'nat': NAT}
 # Options that take one of a few values.
 CHOICES = {'attention': ATTENTION_KINDS, 'classifier': CLASSIFIERS, 'posemb': POSEMB_KINDS}
 
