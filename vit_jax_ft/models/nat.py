@@ -49,6 +49,7 @@ class NATLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   def _scaled(self, name: str, y):
+    """`y` times the learned per-channel layer scale `name`, where the variant has one."""
     if self.layer_scale is None:
       return y
     gamma = self.param(name, nn.initializers.constant(self.layer_scale), (y.shape[-1],))
@@ -118,8 +119,7 @@ class NATLevel(nn.Module):
 
 
 class NAT(nn.Module):
-  """The authors' NAT (DiNAT with `dilations`); with `num_classes=0` it returns the pooled
-  features."""
+  """The authors' NAT, DiNAT with `dilations`; `num_classes=0` returns the pooled features."""
 
   num_classes: int
   embed_dim: int = 64
