@@ -29,7 +29,7 @@ from flax import traverse_util
 from flax.training import checkpoints as flax_checkpoints
 
 from vit_jax_ft import paths
-from vit_jax_ft.models import davit, maxvit, mixer, resnet_v1, swin
+from vit_jax_ft.models import davit, maxvit, mixer, nat, resnet_v1, swin
 
 Params = Dict[str, Any]
 
@@ -176,6 +176,7 @@ STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
     'resnet_v1': (resnet_v1.is_timm_state_dict, resnet_v1.from_timm),
     'maxvit': (maxvit.is_timm_state_dict, maxvit.from_timm),
     'davit': (davit.is_timm_state_dict, lambda state: {'params': davit.from_timm(state)}),
+    'nat': (nat.is_authors_state_dict, lambda state: {'params': nat.from_authors(state)}),
 }
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from vit_jax_ft.models.davit import DaVit
 from vit_jax_ft.models.maxvit import MaxVit
 from vit_jax_ft.models.mixer import MlpMixer
+from vit_jax_ft.models.nat import NAT
 from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
 from vit_jax_ft.models.resnet import BitResNet
 from vit_jax_ft.models.resnet_v1 import ResNetV1
@@ -17,7 +18,7 @@ from vit_jax_ft.models.vit import ATTENTION_KINDS, CLASSIFIERS, POSEMB_KINDS, Vi
 
 MODEL_CLASSES = {'vit': VisionTransformer, 'bit': BitResNet, 'mixer': MlpMixer,
                  'swin': SwinTransformer, 'resnet_v1': ResNetV1, 'maxvit': MaxVit,
-                 'davit': DaVit}
+                 'davit': DaVit, 'nat': NAT}
 # Options that take one of a few values.
 CHOICES = {'attention': ATTENTION_KINDS, 'classifier': CLASSIFIERS, 'posemb': POSEMB_KINDS}
 

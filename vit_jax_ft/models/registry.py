@@ -1,5 +1,5 @@
 """The official model names and their hyper-parameters (from `vit_jax/configs/models.py`)."""
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 # Each entry: the module class name and its keyword arguments.
 ModelSpec = Dict[str, Any]
@@ -108,6 +108,29 @@ MODEL_SPECS.update({
         ('tiny', (1, 1, 3, 1), (96, 192, 384, 768), (3, 6, 12, 24)),
         ('small', (1, 1, 9, 1), (96, 192, 384, 768), (3, 6, 12, 24)),
         ('base', (1, 1, 9, 1), (128, 256, 512, 1024), (4, 8, 16, 32)))
+})
+
+
+def _nat(embed_dim: int, depths: Tuple[int, ...], heads: Tuple[int, ...], mlp_ratio: float,
+         layer_scale: Optional[float] = None, dilated: bool = False) -> ModelSpec:
+  # DiNAT (classification/dinat.py): dilation 8, 4, 2 on every other block of levels 0-2.
+  dilations = tuple(tuple(dilation if i % 2 else 1 for i in range(depth))
+                    for depth, dilation in zip(depths, (8, 4, 2, 1))) if dilated else None
+  return dict(kind='nat', embed_dim=embed_dim, depths=depths, num_heads=heads,
+              mlp_ratio=mlp_ratio, kernel_size=7, dilations=dilations, layer_scale=layer_scale)
+
+
+# The authors' NAT and DiNAT names (SHI-Labs/Neighborhood-Attention-Transformer).
+_NAT_M, _NAT_T = (3, 4, 6, 5), (3, 4, 18, 5)
+MODEL_SPECS.update({
+    'nat_mini': _nat(64, _NAT_M, (2, 4, 8, 16), 3),
+    'nat_tiny': _nat(64, _NAT_T, (2, 4, 8, 16), 3),
+    'nat_small': _nat(96, _NAT_T, (3, 6, 12, 24), 2, layer_scale=1e-5),
+    'nat_base': _nat(128, _NAT_T, (4, 8, 16, 32), 2, layer_scale=1e-5),
+    'dinat_mini': _nat(64, _NAT_M, (2, 4, 8, 16), 3, dilated=True),
+    'dinat_tiny': _nat(64, _NAT_T, (2, 4, 8, 16), 3, dilated=True),
+    'dinat_small': _nat(96, _NAT_T, (3, 6, 12, 24), 2, dilated=True),  # No layer scale.
+    'dinat_base': _nat(128, _NAT_T, (4, 8, 16, 32), 2, layer_scale=1e-5, dilated=True),
 })
 for _prefix in ('BiT-S', 'BiT-M'):
   for _depth, _width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
