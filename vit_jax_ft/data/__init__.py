@@ -11,8 +11,11 @@ The path of a batch, in reading order: `pipeline.py` (the API and the one skelet
 """
 from vit_jax_ft.data.batching import Batch
 from vit_jax_ft.data.examples import Examples
+from vit_jax_ft.data.decode_failures import (earlier_decode_failures, record_decode_failures,
+                                             write_dataset_info)
 from vit_jax_ft.data.pipeline import DatasetInfo, get_dataset_info, get_eval_data, get_train_data
 from vit_jax_ft.data.sources import class_counts, load_split, streams
 
-__all__ = ['Batch', 'DatasetInfo', 'Examples', 'class_counts', 'get_dataset_info',
-           'get_eval_data', 'get_train_data', 'load_split', 'streams']
+__all__ = ['Batch', 'DatasetInfo', 'Examples', 'class_counts', 'earlier_decode_failures',
+           'get_dataset_info', 'get_eval_data', 'get_train_data', 'load_split',
+           'record_decode_failures', 'streams', 'write_dataset_info']
