@@ -77,8 +77,8 @@ def test_training_counts_decode_time_failures_in_dataset_info_and_keeps_them(tmp
   garbage file left out when the folder was read, in the log and in dataset_info.json, for
   both splits; an evaluate-only rerun in the same workdir still counts the training one."""
   config = tiny_config.get_config(str(_folder(tmp_path / 'images')))
-  config.batch, config.batch_eval, config.total_steps, config.progress_every = 8, 8, 6, 2
-  config.eval_every, config.checkpoint_every = 0, 0
+  config.batch, config.batch_eval, config.total_steps, config.progress_every = 8, 8, 4, 2
+  config.eval_every, config.checkpoint_every, config.warmup_steps = 0, 0, 1
   workdir = tmp_path / 'run'
   caplog.set_level('WARNING')
   train.train_and_evaluate(config, str(workdir))

@@ -7,7 +7,8 @@
 The path of a batch, in reading order: `pipeline.py` (the API and the one skeleton),
 `sources.py` (which source a split is), `memory.py` / `stream.py` (its records),
 `folder.py` / `tfds_source.py` (reading a split), `preprocess.py` (ops by name),
-`batching.py` (decoding into batch slots), `sampling.py` (the training order).
+`batching.py` (decoding into batch slots), `sampling.py` (the training order);
+`decode_failures.py` counts the images that fail to decode in `dataset_info.json`.
 """
 from vit_jax_ft.data.batching import Batch
 from vit_jax_ft.data.examples import Examples

@@ -8,7 +8,8 @@
 streamed from its files) and which records make up this host's part of each global
 batch; everything after that is the same for every source: each record is read and
 decoded, augmented with a seed from its stream position, and put in its batch slot
-(`batching.decode_in_slots`), so an image that fails leaves a slot of weight or mask 0.
+(`batching.decode_in_slots`), so an image that fails leaves a slot of weight or mask 0;
+the iterators' `failures` name those images (`decode_failures.py` counts them).
 """
 import dataclasses
 from typing import List, Optional, Tuple
