@@ -30,8 +30,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run goes (default: a 
                                'folder); an existing one resumes.')
 
 
-def write_folder(root: pathlib.Path) -> None:
-  """The shared CIFAR-10 images as ROOT/{train,test}/CLASS/NNNNN.png."""
+def write_folder(root: pathlib.Path) -> int:
+  """The shared CIFAR-10 images as ROOT/{train,test}/CLASS/NNNNN.png; returns the training
+  images written."""
   npz = SHARED_DATA / 'cifar10_partial.npz'
   if not npz.exists():
     raise SystemExit(f'{npz} is absent: this benchmark needs the shared real CIFAR-10 images.')
@@ -41,6 +42,7 @@ def write_folder(root: pathlib.Path) -> None:
       folder = root / split / CLASS_NAMES[int(label)]
       folder.mkdir(parents=True, exist_ok=True)
       Image.fromarray(image).save(folder / f'{i:05d}.png')
+  return len(cifar['y_train'])
 
 
 def main(argv):
@@ -48,18 +50,19 @@ def main(argv):
   config = _CONFIG.value
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp) / 'cifar10'
-    write_folder(root)
+    num_train = write_folder(root)
     config.dataset = str(root)
     config.pp.train, config.pp.test = 'train', 'test'
     config.cache = True  # Decoded once: the 32 px images fit in memory.
     started = time.time()
     metrics = train.train_and_evaluate(config, _WORKDIR.value or str(pathlib.Path(tmp) / 'run'))
     seconds = time.time() - started
-  epochs = config.total_steps * config.batch / 4660
-  print(f'scratch_cifar10: {config.model_name} { {k: v for k, v in config.model.items() if v is not None} } from scratch, '
-        f'{config.total_steps} steps of batch {config.batch} ({epochs:.1f} epochs of 4,660 '
-        f'images): test top-1 {metrics["accuracy_top1"]:.4f} on '
-        f'{int(metrics["num_examples"])} images in {seconds:.0f} s.')
+  epochs = config.total_steps * config.batch / num_train
+  options = {k: v for k, v in config.model.items() if v is not None}
+  print(f'scratch_cifar10: {config.model_name} {options} from scratch, {config.total_steps} '
+        f'steps of batch {config.batch} ({epochs:.1f} epochs of {num_train:,} images): test '
+        f'top-1 {metrics["accuracy_top1"]:.4f} on {int(metrics["num_examples"])} images in '
+        f'{seconds:.0f} s.')
 
 
 if __name__ == '__main__':
