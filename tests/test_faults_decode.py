@@ -1,8 +1,14 @@
 """Images whose header is fine but whose data is not: found when decoded during training or an
 evaluation (config.cache=False), each named once and counted in the log and dataset_info.json."""
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 from jax.experimental import multihost_utils
 
 import tiny_config
@@ -92,3 +98,43 @@ def test_training_counts_decode_time_failures_in_dataset_info_and_keeps_them(tmp
   train.train_and_evaluate(config, str(workdir))  # Finds the final checkpoint: evaluates.
   again = json.loads((workdir / 'dataset_info.json').read_text())
   assert again == info
+
+
+HOSTS_SCRIPT = '''
+import dataclasses, json, sys
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from vit_jax_ft import data
+from vit_jax_ft.data import batching
+found = batching.DecodeFailures('skip', 'its weight is 0')
+info = data.DatasetInfo(2, ['a', 'b'], 10, 5, None, num_train_corrupt=1)
+rounds = {0: [['a.png', 'both.png'], [], []], 1: [['both.png', 'b/\\u00fc.png'], [], ['c.png']]}
+for names in rounds[jax.process_index()]:  # Three report steps.
+  found.check(np.arange(len(names) + 1) < len(names), lambda slots: [names[s] for s in slots])
+  info = data.record_decode_failures(info, found, True, sys.argv[3])
+  print('INFO', json.dumps(dataclasses.asdict(info)), flush=True)
+'''
+
+
+@pytest.mark.slow  # Two processes that import jax and TensorFlow: half a minute on 2 cores.
+def test_two_hosts_gather_each_others_failures_and_process_0_writes_the_count(tmp_path):
+  """Two `jax.distributed` processes: each finds some images (one found by both), then none,
+  then only process 1 finds one; both hold the same counts after every report step."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  processes = [subprocess.Popen([sys.executable, '-c', HOSTS_SCRIPT, address, str(i),
+                                 str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], [err[-3000:] for _, err in outputs]
+  infos = [[json.loads(line[5:]) for line in out.splitlines() if line.startswith('INFO ')]
+           for out, _ in outputs]
+  assert infos[0] == infos[1] and len(infos[0]) == 3
+  first, second, third = infos[0]
+  assert first['train_decode_failures'] == ['a.png', 'both.png', 'b/ü.png']
+  assert first['num_train_corrupt'] == 1 + 3 and second == first
+  assert third['train_decode_failures'][-1] == 'c.png' and third['num_train_corrupt'] == 5
+  assert json.loads((tmp_path / 'dataset_info.json').read_text()) == third
