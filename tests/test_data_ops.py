@@ -111,3 +111,26 @@ def test_op_arguments_follow_big_vision():
                              _run('resize(16)', image=square))
   assert _run('resize((10, 20))').shape == (10, 20, 3)
   assert _run('random_crop((8, 12))').shape == (8, 12, 3)
+
+
+def test_pad_is_numpy_constant_padding_of_each_side():
+  np.testing.assert_array_equal(_run('pad(4)'), np.pad(IMAGE, [(4, 4), (4, 4), (0, 0)]))
+  floats = (IMAGE / 255).astype(np.float32)
+  np.testing.assert_array_equal(_run('pad(2, value=-1)', image=floats),
+                                np.pad(floats, [(2, 2), (2, 2), (0, 0)], constant_values=-1))
+
+
+def test_padded_random_crop_is_a_window_of_the_padded_image_placed_anywhere():
+  """`pad(4)|random_crop(32)|flip_lr` (the CIFAR recipe): a possibly mirrored 32 px window of
+  the zero-padded image at one of the 9x9 offsets, each offset reachable."""
+  image = IMAGE[:32, :32]
+  padded = np.pad(image, [(4, 4), (4, 4), (0, 0)])
+  offsets, flips = set(), 0
+  for s in range(60):
+    out = _run('pad(4)|random_crop(32)|flip_lr', image, tf.constant([s, 1], tf.int64))
+    hits = [(y, x, flip) for y in range(9) for x in range(9) for flip in (False, True)
+            if np.array_equal(padded[y:y + 32, x:x + 32][:, ::-1 if flip else 1], out)]
+    assert len(hits) == 1
+    offsets.add(hits[0][:2])
+    flips += hits[0][2]
+  assert len(offsets) >= 30 and {y for y, _ in offsets} == set(range(9)) and 15 <= flips <= 45

@@ -4,7 +4,6 @@ Data parallel through `jax.jit` over a 1-D device mesh: parameters replicated, b
 sharded, so the mean loss is over the global batch and gradients are averaged over
 devices and hosts by construction. One step on 8 devices equals one step on 1 device.
 """
-import dataclasses
 import functools
 import json
 import os
@@ -236,8 +235,7 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str,
   gfile.makedirs(workdir)
   with gfile.GFile(os.path.join(workdir, run_dir.CONFIG_FILE), 'w') as f:
     json.dump(run_dir.config_record(config, model), f, indent=2)
-  with gfile.GFile(os.path.join(workdir, run_dir.DATASET_INFO_FILE), 'w') as f:
-    json.dump(dataclasses.asdict(info), f, indent=2)
+  data.write_dataset_info(workdir, info)
 
 
 def log_start(config: ml_collections.ConfigDict, state: TrainState, info: 'data.DatasetInfo',
@@ -267,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         'carry yet: fine-tune a ViT, hybrid, BiT, Mixer or Swin, or evaluate it with '
         '`checkpoint.load_variables` and `model.apply`.')
   image_size.check(config, model)
+  info = data.earlier_decode_failures(info, workdir)
   write_run_files(config, workdir, info, model)
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate_schedule(config)
@@ -298,9 +297,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                              every_steps=config.progress_every or None)
 
   def run_eval(step):
+    nonlocal info
+    eval_data = data.get_eval_data(config)
     with progress.timed('eval'):
-      result = evaluate(state.params, eval_fn, mesh, data.get_eval_data(config),
-                        config.prefetch)
+      result = evaluate(state.params, eval_fn, mesh, eval_data, config.prefetch)
+    info = data.record_decode_failures(info, eval_data.failures, False, workdir)
     metrics = {'accuracy_top1': result.top1, 'accuracy_top5': result.top5,
                'loss': result.loss, 'num_examples': result.num_examples}
     writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
@@ -313,8 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       logging.info('The checkpoint of step %d already reaches total_steps=%d: evaluating only.',
                    start, config.total_steps)
       return run_eval(start)
-    batches = parallel.prefetch_to_mesh(
-        mesh, data.get_train_data(config, start_step=start), config.prefetch)
+    train_data = data.get_train_data(config, start_step=start)
+    batches = parallel.prefetch_to_mesh(mesh, train_data, config.prefetch)
     unchecked, first_unchecked, last_saved = [], start + 1, start or None
     metrics = {}
     log_start(config, state, info, start, workdir)
@@ -336,6 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if report or save:
           _check_finite(unchecked, first_unchecked, last_saved)
           unchecked, first_unchecked = [], step + 1
+        if report:  # At the same steps on every host: it gathers the names from all.
+          info = data.record_decode_failures(info, train_data.failures, True, workdir)
         if report and step > window_step:
           images_per_sec = config.batch * (step - window_step) / (time.time() - window_start)
           scalars = jax.device_get(step_metrics)

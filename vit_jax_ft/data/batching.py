@@ -7,7 +7,7 @@ failed one's slot, so the stream's positions, resumption and the split over host
 exact. Missing slots of a short batch (evaluation padding) come out as zeros with
 `ok` = 0 and `failed` = 0.
 """
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from absl import logging
 import numpy as np
@@ -69,12 +69,20 @@ def _scatter(slot: tf.Tensor, examples: Dict[str, tf.Tensor], sources: Dict[str,
 
 
 class DecodeFailures:
-  """Images that failed: each is logged and counted, or stops the run ('error')."""
+  """Images that failed: each is logged and counted once (not again each epoch), or stops the
+  run ('error')."""
 
   def __init__(self, on_corrupt: str, consequence: str):
     self.on_corrupt = on_corrupt
     self.consequence = consequence  # What the log says happened to a failed example.
-    self.count = 0
+    self.names: List[str] = []  # Distinct failed images, in the order found.
+    self._known: Set[str] = set()
+    self._taken = 0  # How many of `names` `take_new` has returned.
+
+  @property
+  def count(self) -> int:
+    """Distinct images that failed so far."""
+    return len(self.names)
 
   def check(self, failed: np.ndarray, names: Callable[[np.ndarray], Iterable[str]]) -> None:
     """Logs or raises for the slots where `failed`; `names(slots)` says which images they are."""
@@ -88,9 +96,32 @@ class DecodeFailures:
     if self.on_corrupt == 'error':
       raise ValueError(f'Cannot decode or preprocess the image of {bad[0]}. Remove or repair '
                        "it, or set config.on_corrupt_image='skip' to give it weight 0 and go on.")
-    self.count += len(bad)
+    new = list(dict.fromkeys(n for n in bad if n not in self._known))
+    if not new:  # Seen in an earlier epoch: weight 0 again, already logged and counted.
+      return
+    self._known.update(new)
+    self.names.extend(new)
     logging.warning('Cannot decode or preprocess the image of %s; %s (%d such images so far).',
-                    ', '.join(bad), self.consequence, self.count)
+                    ', '.join(new), self.consequence, self.count)
+
+  def take_new(self) -> List[str]:
+    """The failed images found since the last call."""
+    new, self._taken = self.names[self._taken:], len(self.names)
+    return new
+
+
+class HostBatches:
+  """An iterator of host batches that keeps the `DecodeFailures` its images report to."""
+
+  def __init__(self, batches: Iterator[Batch], failures: DecodeFailures):
+    self._batches = batches
+    self.failures = failures
+
+  def __iter__(self) -> 'HostBatches':
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._batches)
 
 
 def numpy_batches(ds: tf.data.Dataset, carry: Tuple[str, ...], failures: DecodeFailures,

@@ -8,10 +8,11 @@
 streamed from its files) and which records make up this host's part of each global
 batch; everything after that is the same for every source: each record is read and
 decoded, augmented with a seed from its stream position, and put in its batch slot
-(`batching.decode_in_slots`), so an image that fails leaves a slot of weight or mask 0.
+(`batching.decode_in_slots`), so an image that fails leaves a slot of weight or mask 0;
+the iterators' `failures` name those images (`decode_failures.py` counts them).
 """
 import dataclasses
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -19,7 +20,6 @@ import tensorflow as tf
 
 from vit_jax_ft import parallel
 from vit_jax_ft.data import batching, preprocess, sources
-from vit_jax_ft.data.batching import Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +30,14 @@ class DatasetInfo:
   num_train: int  # Examples per epoch after split, fraction, per-class and rebalancing.
   num_test: int
   train_class_counts: Optional[List[int]]  # Per class, per epoch; None when streamed.
-  # Images left out of each split when it was read: not images by their first bytes, or
-  # (config.cache) not decodable; each is named in the log. None when streamed. Images that
-  # fail only when decoded during the run are named and counted in the log as they come.
+  # Corrupt images of each split: those left out when it was read (not images by their first
+  # bytes, or with config.cache not decodable; None when streamed: unknown), plus those found
+  # when decoded during the run, over all hosts (`decode_failures.py`). Each is named in
+  # the log; the second kind also by name here.
   num_train_corrupt: Optional[int] = None
   num_test_corrupt: Optional[int] = None
+  train_decode_failures: List[str] = dataclasses.field(default_factory=list)
+  test_decode_failures: List[str] = dataclasses.field(default_factory=list)
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -57,7 +60,7 @@ def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tu
 
 def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
                    process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Iterator[Batch]:
+                   process_count: Optional[int] = None) -> batching.HostBatches:
   """Infinite iterator of this host's numpy batches: image, label, weight; resumable.
 
   `weight` is the example's loss weight: its class weight (`balance='loss_weights'`)
@@ -72,7 +75,7 @@ def get_train_data(config: ml_collections.ConfigDict, start_step: int = 0,
 
 def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None,
                   process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> Iterator[Batch]:
+                  process_count: Optional[int] = None) -> batching.HostBatches:
   """Finite iterator of this host's part of padded global eval batches (image, label, mask).
 
   Every host yields the same number of batches; over all hosts each example of the
@@ -88,7 +91,7 @@ def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None
 
 
 def _host_batches(config: ml_collections.ConfigDict, source: sources.Source,
-                  records: tf.data.Dataset, local: int, train: bool) -> Iterator[Batch]:
+                  records: tf.data.Dataset, local: int, train: bool) -> batching.HostBatches:
   """Batches of up to `local` records to numpy batches of `local` examples in their slots."""
   decode, augment = preprocess.build(preprocess.default_ops(config.pp, train))
   seed = config.seed if train else 0
@@ -103,6 +106,6 @@ def _host_batches(config: ml_collections.ConfigDict, source: sources.Source,
   failures = batching.DecodeFailures(
       config.on_corrupt_image,
       'its weight is 0 in its batch' if train else 'it is left out of the evaluation')
-  return batching.numpy_batches(ds, source.carry, failures, source.name,
-                                'weight' if train else 'mask',
-                                source.weights())
+  return batching.HostBatches(batching.numpy_batches(
+      ds, source.carry, failures, source.name, 'weight' if train else 'mask', source.weights()),
+      failures)

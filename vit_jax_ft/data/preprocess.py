@@ -87,6 +87,16 @@ def random_crop(size: Size) -> Op:
   return _random_crop
 
 
+@register('pad')
+def pad(pixels: int, value: int = 0) -> Op:
+  """Pads each side with `pixels` of `value`: `pad(4)|random_crop(32)` is the CIFAR crop."""
+  def _pad(image, seed):
+    del seed
+    return tf.pad(image, [[pixels, pixels], [pixels, pixels], [0, 0]],
+                  constant_values=tf.cast(value, image.dtype))
+  return _pad
+
+
 @register('inception_crop')
 def inception_crop(size: Size, area_min: float = 5, area_max: float = 100,
                    method: str = 'bilinear') -> Op:
