@@ -1,20 +1,30 @@
 """Zoo weights: each family saved back in its own layout (timm's state dict, the released .npz)
-round trips exactly, with timm's keys, dtypes and shapes (committed from timm by
+round trips exactly, with timm's keys, dtypes and shapes; each name's input convention equals
+timm's pretrained_cfg and drives the default preprocessing (committed from timm by
 tests/fixtures/make_timm_fixtures.py)."""
 import json
+import math
 import pathlib
 
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+import tensorflow as tf
+from ml_collections import ConfigDict
 
-from vit_jax_ft import checkpoint
+from vit_jax_ft import checkpoint, models
+from vit_jax_ft.data import preprocess
 from vit_jax_ft.models import get_model
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 # (fixture family, case): one small timm model of each state-dict family.
 CASES = (('swin', 'pad_shift_clamp'), ('resnet', 'tiny'), ('mixer', 'tiny'))
+# timm's pretrained_cfg of every full-size timm name (its default tag).
+TIMM_INPUTS = {name: cfg for family in ('swin', 'resnet', 'mixer') for name, cfg in json.loads(
+    (FIXTURES / f'{family}_timm_counts.json').read_text())['inputs'].items()}
+IMAGE = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+SEED = tf.constant([3, 7], tf.int64)
 
 
 def timm_state_dict(family, case):
@@ -82,3 +92,76 @@ def _saved(family, case, tmp_path):
   path = str(tmp_path / f'{family}-{case}.safetensors')
   safetensors.numpy.save_file(timm_state_dict(family, case)[0], path)
   return path
+
+
+def _ops(model_name, train, crop=16, **pp):
+  fields = dict(crop=crop, resize=None, train_ops=None, test_ops=None)
+  return preprocess.default_ops(ConfigDict(dict(model_name=model_name, pp={**fields, **pp})),
+                                train)
+
+
+def _run(spec, image=IMAGE):
+  _, augment = preprocess.build(spec)
+  return augment(tf.constant(image), SEED).numpy()
+
+
+def test_every_name_has_a_convention_and_timm_names_have_timms():
+  assert set(models.INPUT_CONVENTIONS) == set(models.MODEL_SPECS)
+  assert set(TIMM_INPUTS) <= set(models.MODEL_SPECS)
+  for name, cfg in TIMM_INPUTS.items():
+    convention = models.input_convention(name)
+    assert (convention.mean, convention.std) == (tuple(cfg['mean']), tuple(cfg['std'])), name
+    assert (convention.interpolation, convention.crop_pct) == (cfg['interpolation'],
+                                                               cfg['crop_pct']), name
+    assert convention.input_size == cfg['input_size'][1], name
+  official = [n for n, spec in models.MODEL_SPECS.items()
+              if spec['kind'] in ('vit', 'bit') or n.startswith('Mixer-')]
+  assert {models.input_convention(n) for n in official} == {models.InputConvention()}
+  with pytest.raises(ValueError, match='Unknown model name'):
+    models.input_convention('swin_tiny')
+
+
+@pytest.mark.parametrize('name', ['ViT-B_16', 'R50+ViT-B_16', 'BiT-M-R50x1', 'Mixer-B_16'])
+def test_official_names_keep_the_official_pipeline(name):
+  assert _ops(name, True) == 'decode|inception_crop(16)|flip_lr|value_range(-1,1)'
+  assert _ops(name, False) == 'decode|resize(16)|value_range(-1,1)'
+  assert _ops(name, False, resize=20) == 'decode|resize_small(20)|central_crop(16)|value_range(-1,1)'
+  assert _ops(name, False, test_ops='decode|resize(16)') == 'decode|resize(16)'
+
+
+def test_normalize_is_timms_to_tensor_then_normalize():
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  want = (IMAGE.astype(np.float32) / np.float32(255) - np.float32(mean)) / np.float32(std)
+  np.testing.assert_array_equal(_run(f'normalize({mean}, {std})'), want)
+
+
+def test_timm_names_evaluate_as_timm_shorter_side_then_central_crop():
+  # swin_tiny: bicubic, crop_pct 0.9. torchvision's Resize(17) of 40x60: 17 x int(25.5) = 25,
+  # rounded to uint8 as PIL; CenterCrop(16) at round(0.5) = 0, round(4.5) = 4 (half to even).
+  spec = _ops('swin_tiny_patch4_window7_224', False)
+  assert spec.startswith("decode|timm_eval_crop(16, 0.9, method='bicubic')|normalize(")
+  short, long = math.floor(16 / 0.9), int(math.floor(16 / 0.9) * 60 / 40)
+  resized = tf.image.resize(IMAGE, [short, long], 'bicubic', antialias=True).numpy()
+  resized = np.round(np.clip(resized, 0, 255))
+  top, left = round((short - 16) / 2), round((long - 16) / 2)
+  mean, std = np.float32((0.485, 0.456, 0.406)), np.float32((0.229, 0.224, 0.225))
+  want = (resized[top:top + 16, left:left + 16] / np.float32(255) - mean) / std
+  assert (short, long, top, left) == (17, 25, 0, 4)
+  np.testing.assert_allclose(_run(spec), want, rtol=0, atol=1e-6)
+  # Training keeps the official augmentation with the model's interpolation and normalisation.
+  train = _ops('resnet50', True)
+  assert train.startswith("decode|inception_crop(16, method='bicubic')|flip_lr|normalize(")
+  assert _run(train).shape == (16, 16, 3)
+  assert _ops('resnet50', False, resize=20).startswith(
+      "decode|resize_small(20, method='bicubic', antialias=True)|central_crop(16)|normalize(")
+  # mixer_b16_224's mean = std = 0.5 is the official [-1, 1] map.
+  assert _ops('mixer_b16_224', False, crop=224) == (
+      "decode|timm_eval_crop(224, 0.875, method='bicubic')|value_range(-1,1)")
+
+
+def test_model_listing_describes_each_convention():
+  from vit_jax_ft.models.__main__ import describe  # pylint: disable=import-outside-toplevel
+  assert describe(models.input_convention('ViT-B_16')) == (
+      '[-1, 1], bilinear, whole image resized, 224 px')
+  assert describe(models.input_convention('swin_base_patch4_window12_384')) == (
+      'mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225), bicubic, crop_pct 1.0, 384 px')
