@@ -13,7 +13,8 @@ import safetensors.numpy
 import tensorflow as tf
 from ml_collections import ConfigDict
 
-from vit_jax_ft import checkpoint, models
+from test_hub import npz_bytes, server  # noqa: F401  pylint: disable=unused-import
+from vit_jax_ft import checkpoint, defaults, hub, models, pretrained
 from vit_jax_ft.data import preprocess
 from vit_jax_ft.models import get_model
 
@@ -165,3 +166,51 @@ def test_model_listing_describes_each_convention():
       '[-1, 1], bilinear, whole image resized, 224 px')
   assert describe(models.input_convention('swin_base_patch4_window12_384')) == (
       'mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225), bicubic, crop_pct 1.0, 384 px')
+
+
+def test_hub_names_timms_and_the_mixer_files_by_their_published_urls(monkeypatch):
+  monkeypatch.delenv(hub.HUB_URL_ENV, raising=False)
+  monkeypatch.delenv('HF_ENDPOINT', raising=False)
+  for name, cfg in TIMM_INPUTS.items():  # timm's default tag of each name.
+    url = f'https://huggingface.co/{cfg["hf_hub_id"]}/resolve/main/model.safetensors'
+    assert hub.checkpoint_url(f'timm/{name}') == url == hub.checkpoint_url(cfg['hf_hub_id'])
+    assert hub.lookup(f'timm/{name}').local_path == f'timm/{name}.safetensors'
+  assert hub.checkpoint_url('timm/resnet50.tv_in1k') == (
+      'https://huggingface.co/timm/resnet50.tv_in1k/resolve/main/model.safetensors')
+  gcs = 'https://storage.googleapis.com/mixer_models'
+  assert hub.checkpoint_url('imagenet21k/Mixer-B_16') == f'{gcs}/imagenet21k/Mixer-B_16.npz'
+  assert hub.checkpoint_url('imagenet1k/Mixer-L_16.npz') == f'{gcs}/imagenet1k/Mixer-L_16.npz'
+  assert hub.lookup('imagenet1k/Mixer-L_16').local_path == 'imagenet1k/Mixer-L_16.npz'
+  assert {c.model_name for c in hub.INDEX.values()} <= set(models.MODEL_SPECS)
+  monkeypatch.setenv('HF_ENDPOINT', 'http://hf-mirror')  # Moves Hugging Face files only.
+  assert hub.checkpoint_url('timm/resnet50').startswith('http://hf-mirror/timm/resnet50.a1_in1k/')
+  assert hub.checkpoint_url('imagenet1k/Mixer-B_16').startswith(gcs)
+  monkeypatch.setenv(hub.HUB_URL_ENV, 'http://mirror')  # A mirror of both.
+  assert hub.checkpoint_url('timm/resnet50').startswith('http://mirror/timm/resnet50.a1_in1k/')
+
+
+def test_fetched_files_are_where_pretrained_dir_finds_them(server, tmp_path):
+  weights = _saved('resnet', 'tiny', tmp_path)
+  body = pathlib.Path(weights).read_bytes()
+  server.files['/timm/resnet50.a1_in1k/resolve/main/model.safetensors'] = body
+  server.files['/mixer_models/imagenet21k/Mixer-B_16.npz'] = mixer_npz = npz_bytes()
+  dest = tmp_path / 'checkpoints'
+  path = hub.fetch('timm/resnet50', dest=str(dest))
+  assert pathlib.Path(path).read_bytes() == body and not list(dest.rglob('*.partial'))
+  assert (dest / 'imagenet21k' / 'Mixer-B_16.npz') == pathlib.Path(
+      hub.fetch('imagenet21k/Mixer-B_16', dest=str(dest)))
+  assert (dest / 'imagenet21k' / 'Mixer-B_16.npz').read_bytes() == mixer_npz
+  config = defaults.get_config()
+  for name, folder in (('resnet50', 'timm'), ('Mixer-B_16', 'imagenet21k')):
+    config.model_name, config.pretrained_dir = name, str(dest / folder)
+    found = pretrained.pretrained_path(config)
+    assert found in (path, str(dest / 'imagenet21k' / 'Mixer-B_16.npz')), found
+  assert sorted(checkpoint.load_variables(path)) == ['batch_stats', 'params']
+  config.model_name = 'swin_tiny_patch4_window7_224'
+  with pytest.raises(FileNotFoundError, match='hub fetch timm/swin_tiny_patch4_window7_224 '
+                     '--dest=checkpoints` and set --config.pretrained_dir=checkpoints/timm'):
+    pretrained.pretrained_path(config)
+  server.files['/timm/mixer_b16_224.goog_in21k/resolve/main/model.safetensors'] = b'<html>'
+  with pytest.raises(hub.FetchError, match='did not return an .safetensors file'):
+    hub.fetch('timm/mixer_b16_224.goog_in21k', dest=str(dest))
+  assert not list(dest.rglob('mixer_b16_224*'))
