@@ -214,3 +214,32 @@ def test_fetched_files_are_where_pretrained_dir_finds_them(server, tmp_path):
   with pytest.raises(hub.FetchError, match='did not return an .safetensors file'):
     hub.fetch('timm/mixer_b16_224.goog_in21k', dest=str(dest))
   assert not list(dest.rglob('mixer_b16_224*'))
+
+
+def test_export_writes_a_swin_workdir_as_timms_state_dict(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import tiny_config  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft import export, run_dir  # pylint: disable=import-outside-toplevel
+  model = get_model('swin_tiny_patch4_window7_224', 3, embed_dim=8, depths=(2, 2),
+                    num_heads=(2, 2), window_size=4)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.2,
+                        jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                       np.zeros((1, 32, 32, 3)))['params'])
+  config = tiny_config.get_config('unused')
+  config.model_name, config.pp.crop = 'swin_tiny_patch4_window7_224', 32
+  workdir = tmp_path / 'swin'
+  with ocp.CheckpointManager(str(workdir / 'checkpoints')) as manager:
+    manager.save(4, args=ocp.args.StandardSave({'params': params, 'step': 4}))
+  (workdir / 'config.json').write_text(json.dumps(run_dir.config_record(config, model)))
+  (workdir / 'dataset_info.json').write_text(json.dumps({'class_names': ['a', 'b', 'c']}))
+  with pytest.raises(checkpoint.CheckpointError, match='ending in .safetensors'):
+    export.export(str(workdir), str(tmp_path / 'swin.npz'))
+  export.export(str(workdir), str(tmp_path / 'swin.safetensors'))
+  saved = safetensors.numpy.load_file(str(tmp_path / 'swin.safetensors'))
+  # timm's names and PyTorch's (out, in) Linear layout.
+  np.testing.assert_array_equal(saved['layers.1.blocks.1.attn.qkv.weight'],
+                                params['layers_1']['blocks_1']['attn']['qkv']['kernel'].T)
+  assert saved['head.fc.weight'].shape == (3, 16) and 'layers.1.downsample.reduction.weight' in saved
+  assert_same_variables(checkpoint.load_variables(str(tmp_path / 'swin.safetensors')),
+                        {'params': params})
