@@ -126,7 +126,8 @@ def test_every_name_has_a_convention_and_timm_names_have_timms():
 def test_official_names_keep_the_official_pipeline(name):
   assert _ops(name, True) == 'decode|inception_crop(16)|flip_lr|value_range(-1,1)'
   assert _ops(name, False) == 'decode|resize(16)|value_range(-1,1)'
-  assert _ops(name, False, resize=20) == 'decode|resize_small(20)|central_crop(16)|value_range(-1,1)'
+  assert _ops(name, False, resize=20) == (
+      'decode|resize_small(20)|central_crop(16)|value_range(-1,1)')
   assert _ops(name, False, test_ops='decode|resize(16)') == 'decode|resize(16)'
 
 
@@ -240,6 +241,7 @@ def test_export_writes_a_swin_workdir_as_timms_state_dict(tmp_path):
   # timm's names and PyTorch's (out, in) Linear layout.
   np.testing.assert_array_equal(saved['layers.1.blocks.1.attn.qkv.weight'],
                                 params['layers_1']['blocks_1']['attn']['qkv']['kernel'].T)
-  assert saved['head.fc.weight'].shape == (3, 16) and 'layers.1.downsample.reduction.weight' in saved
+  assert saved['head.fc.weight'].shape == (3, 16)
+  assert 'layers.1.downsample.reduction.weight' in saved
   assert_same_variables(checkpoint.load_variables(str(tmp_path / 'swin.safetensors')),
                         {'params': params})
