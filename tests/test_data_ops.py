@@ -12,6 +12,12 @@ IMAGE = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
 SEED = tf.constant([3, 7], tf.int64)
 
 
+def _config(**pp):
+  """An official name's config with the pp fields `pp` (the rest unset)."""
+  fields = dict(crop=None, resize=None, train_ops=None, test_ops=None)
+  return ConfigDict(dict(model_name='ViT-B_16', pp={**fields, **pp}))
+
+
 def _run(spec, image=IMAGE, seed=SEED):
   _, augment = preprocess.build(spec)
   return augment(tf.constant(image), seed).numpy()
@@ -19,8 +25,7 @@ def _run(spec, image=IMAGE, seed=SEED):
 
 def test_official_eval_is_resize_then_scale():
   want = (tf.image.resize(IMAGE, [32, 32]).numpy() - 127.5) / 127.5
-  pp = ConfigDict(dict(crop=32, resize=None, train_ops=None, test_ops=None))
-  got = _run(preprocess.default_ops(pp, train=False))
+  got = _run(preprocess.default_ops(_config(crop=32), train=False))
   np.testing.assert_array_equal(got, want)
   assert got.min() >= -1 and got.max() <= 1
 
@@ -35,8 +40,7 @@ def test_inception_crop_is_the_official_bounding_box_sampler():
 
 
 def test_official_train_ops_give_scaled_crops_of_the_crop_size():
-  pp = ConfigDict(dict(crop=16, resize=None, train_ops=None, test_ops=None))
-  spec = preprocess.default_ops(pp, train=True)
+  spec = preprocess.default_ops(_config(crop=16), train=True)
   assert spec == 'decode|inception_crop(16)|flip_lr|value_range(-1,1)'
   full_crop = np.tile(IMAGE[:1, :1], (16, 16, 1))  # Constant image: crops all look alike.
   outs = [_run(spec, full_crop, tf.constant([s, 0], tf.int64)) for s in range(4)]
@@ -69,8 +73,8 @@ def test_random_crop_is_a_window_of_the_image():
 
 
 def test_big_vision_variant_from_resize():
-  pp = ConfigDict(dict(crop=24, resize=32, train_ops=None, test_ops=None))
-  train, test = preprocess.default_ops(pp, True), preprocess.default_ops(pp, False)
+  config = _config(crop=24, resize=32)
+  train, test = preprocess.default_ops(config, True), preprocess.default_ops(config, False)
   assert train.startswith('decode|resize_small(32)|random_crop(24)|flip_lr')
   assert test == 'decode|resize_small(32)|central_crop(24)|value_range(-1,1)'
   small = tf.image.resize(IMAGE, [32, 48], 'area').numpy()

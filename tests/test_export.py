@@ -153,7 +153,7 @@ def test_an_earlier_step_and_bad_input(workdir, tmp_path):
   for a, b in zip(jax.tree.leaves(checkpoint.load(str(tmp_path / 'step2.npz'))),
                   jax.tree.leaves(step2)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match='must name an .npz'):
+  with pytest.raises(ValueError, match='must name an .npz file .* or a .safetensors'):
     export.export(str(workdir), str(tmp_path / 'model.pt'))
   with pytest.raises(FileNotFoundError, match=r'complete checkpoints: \[2, 3\]'):
     export.export(str(workdir), str(tmp_path / 'x.npz'), step=1)

@@ -8,8 +8,10 @@
 - the BiT release names (`resnet/block1/unit01/a/group_norm/gamma`, ...),
   and bit_jax's Flax trees (`conv_head`, GroupNorm params of shape (1,1,1,C)).
 Files saved with their optimizer keep their parameters (`opt/target/...`).
-`save` writes the released layout (pre-Linen names, BiT release names), which
-the official code and timm's npz loader read.
+`load_variables` also reads timm/torchvision state dicts (Swin, ResNet v1.5, Mixer).
+`save_variables` writes each family back in its own layout: `.npz` in the released names
+(pre-Linen ViT names, BiT release names, the official Mixer tree), which the official code
+and timm's npz loader read; `.safetensors` as timm's state dict, which timm loads as it is.
 """
 import io
 import os
@@ -19,9 +21,10 @@ import tempfile
 import urllib.request
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
+import safetensors.numpy
 import scipy.ndimage
 from absl import logging
 import flax
@@ -178,13 +181,23 @@ STATE_DICT_FAMILIES: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
     'davit': (davit.is_timm_state_dict, lambda state: {'params': davit.from_timm(state)}),
     'nat': (nat.is_authors_state_dict, lambda state: {'params': nat.from_authors(state)}),
 }
+# The same families written back: (recognises the params tree, variables -> the state dict).
+STATE_DICT_WRITERS: Dict[str, Tuple[Callable[[Mapping[str, Any]], bool],
+                                    Callable[[Mapping[str, Any]], Dict[str, np.ndarray]]]] = {
+    'swin': (swin.is_params_tree, lambda variables: swin.to_timm(variables['params'])),
+    'mixer': (mixer.is_params_tree, lambda variables: mixer.to_timm(variables['params'])),
+    'resnet_v1': (resnet_v1.is_params_tree, resnet_v1.to_timm),
+    'maxvit': (maxvit.is_params_tree, maxvit.to_timm),
+    'davit': (davit.is_params_tree, davit.to_timm),
+}
+# State-dict families that also have an official `.npz` release (the same tree).
+OFFICIAL_NPZ_FAMILIES = ('mixer',)
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """The `{'layers.0.weight': array}` contents of a `.safetensors`, `.pth` or `.bin` file."""
   data = _source(path)
   if path.endswith(SAFETENSORS_EXTENSIONS):
-    import safetensors.numpy  # pylint: disable=import-outside-toplevel
     raw = data.getvalue() if isinstance(data, io.BytesIO) else pathlib.Path(data).read_bytes()
     try:
       return dict(safetensors.numpy.load(raw))
@@ -245,30 +258,63 @@ def is_bit_tree(params: Mapping[str, Any]) -> bool:
   return 'root_block' in params
 
 
-def save(params: Mapping[str, Any], path: str) -> None:
-  """Writes `params` in the released `.npz` layout, atomically for local paths."""
+def _state_dict_family(params: Mapping[str, Any]) -> Optional[str]:
+  """The state-dict family whose tree `params` is, else None (ViT, hybrid, BiT)."""
+  return next((family for family, (detect, _) in STATE_DICT_WRITERS.items() if detect(params)),
+              None)
+
+
+def _released_npz(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """The flat contents of the released `.npz` of a ViT, hybrid, BiT or Mixer tree."""
   flat = {'/'.join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(dict(params)).items()}
   if is_bit_tree(params):
-    flat = _to_bit_release(flat)
-  else:
-    flat = {re.sub(r'(encoderblock_\d+/)(\w+_\d+)',
-                   lambda m: m.group(1) + _LINEN_TO_PRE_LINEN.get(m.group(2), m.group(2)),
-                   k): v for k, v in flat.items()}
-  buffer = io.BytesIO()
-  np.savez(buffer, **flat)
+    return _to_bit_release(flat)
+  return {re.sub(r'(encoderblock_\d+/)(\w+_\d+)',
+                 lambda m: m.group(1) + _LINEN_TO_PRE_LINEN.get(m.group(2), m.group(2)),
+                 k): v for k, v in flat.items()}
+
+
+def _write(data: bytes, path: str) -> None:
+  """Writes `data` to `path`: atomically for local paths, through gfile for remote ones."""
   if paths.is_remote(path):  # gs:// and the rest of gfile's filesystems.
     from tensorflow.io import gfile  # pylint: disable=import-outside-toplevel
     gfile.makedirs(os.path.dirname(path))
     with gfile.GFile(path, 'wb') as f:
-      f.write(buffer.getvalue())
+      f.write(data)
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
-    f.write(buffer.getvalue())
+    f.write(data)
     tmp = f.name
   os.replace(tmp, path)
+
+
+def save_variables(variables: Mapping[str, Any], path: str) -> None:
+  """Writes `variables` in their family's layout: timm's state dict for a `.safetensors`
+  path (Swin, ResNet v1 with its `batch_stats`, Mixer), else the released `.npz`."""
+  params = variables['params']
+  family = _state_dict_family(params)
+  if path.endswith(SAFETENSORS_EXTENSIONS):
+    if family is None:
+      raise CheckpointError(
+          f'{path}: ViTs, hybrids and BiT are released as .npz, not as a timm state dict; '
+          f'give a path ending in .npz (.safetensors is for {sorted(STATE_DICT_WRITERS)}).')
+    _write(safetensors.numpy.save(STATE_DICT_WRITERS[family][1](variables)), path)
+    return
+  if family is not None and family not in OFFICIAL_NPZ_FAMILIES:
+    raise CheckpointError(
+        f'{path}: a {family} model has no official .npz layout; its weights are timm\'s state '
+        'dict: give a path ending in .safetensors.')
+  buffer = io.BytesIO()
+  np.savez(buffer, **_released_npz(params))
+  _write(buffer.getvalue(), path)
+
+
+def save(params: Mapping[str, Any], path: str) -> None:
+  """Writes `params` (a model without batch statistics) as `save_variables` does."""
+  save_variables({'params': params}, path)
 
 
 def interpolate_posembed(posemb: np.ndarray, num_tokens: int,

@@ -2,11 +2,15 @@ r"""Writes a fine-tuned workdir's parameters as a released checkpoint, to use th
 
   python -m vit_jax_ft.export --workdir=/tmp/run1 --out=/tmp/ViT-B_16-cifar10.npz
   python -m vit_jax_ft.export --workdir=gs://bucket/run1 --step=5000 --out=gs://bucket/model.npz
+  python -m vit_jax_ft.export --workdir=/tmp/swin1 --out=/tmp/swin-cifar10.safetensors
 
+Each family is written in the layout its weights are released in (`checkpoint.save_variables`):
 ViTs and hybrids get the names of the official `.npz` files (`embedding/kernel`,
 `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel`, ...), which the
 official `vit_jax.checkpoint.load` and timm's npz loader read; BiT ResNets get the BiT
-release names (`resnet/block1/unit01/a/standardized_conv2d/kernel`, ...) of big_transfer.
+release names (`resnet/block1/unit01/a/standardized_conv2d/kernel`, ...) of big_transfer;
+Mixers the official Mixer `.npz` tree; Swin, ResNet v1.5 and Mixer as a `.safetensors` timm
+state dict, which `timm.create_model(name, num_classes=N).load_state_dict` takes as it is.
 The model to load them into is printed: its name, and every option that differs from it.
 """
 from typing import List, Optional
@@ -24,11 +28,12 @@ _COMPUTATION = ('attention', 'dtype', 'remat', 'sow_attention')
 
 def export(workdir: str, out: str, step: Optional[int] = None) -> run_dir.Loaded:
   """Writes the parameters of a workdir checkpoint (latest by default) to the file `out`."""
-  if not out.endswith('.npz'):
-    raise ValueError(f'--out={out!r} must name an .npz file (the released format).')
+  if not out.endswith(('.npz',) + checkpoint.SAFETENSORS_EXTENSIONS):
+    raise ValueError(f'--out={out!r} must name an .npz file (the official layout) or a '
+                     '.safetensors file (timm\'s, for Swin, ResNet v1.5 and Mixer).')
   loaded = run_dir.load(workdir, step)
   if jax.process_index() == 0:
-    checkpoint.save(jax.device_get(loaded.params), out)
+    checkpoint.save_variables(jax.device_get({'params': loaded.params}), out)
   return loaded
 
 
@@ -48,7 +53,8 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Training workdir of `python -m vit_jax_ft.main`.',
                       required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_string('out', None, 'The .npz file to write (local or gs://).', required=True)
+  flags.DEFINE_string('out', None, 'The .npz or .safetensors file to write (local or gs://).',
+                      required=True)
 
 
 def main(argv: List[str]) -> None:

@@ -6,13 +6,19 @@ r"""The public checkpoints by name, and the command that downloads them.
 Names: `imagenet21k/ViT-B_16`, `imagenet21k+imagenet2012/ViT-B_16` (384 px; the
 `-224` names are fine-tuned at 224 px), `augreg/<filename>` (any file of
 `gs://vit_models/augreg`; `augreg/B_16` is the one the README recommends),
-`BiT-M-R50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-S-R50x1`, ...
+`BiT-M-R50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-S-R50x1`, ..., the Mixers of
+`gs://mixer_models` (`imagenet21k/Mixer-B_16`, `imagenet1k/Mixer-L_16`, `sam/Mixer-B_32`),
+and timm's weights on the Hugging Face Hub: `timm/<model name>` (timm's default tag of
+`swin_*`, `resnet*`, `mixer_*`) and `timm/<model name>.<tag>` (`.ms_in22k`, `.tv_in1k`, ...).
 
 A file lands in `<dest>/<path in the bucket>` (`checkpoints/imagenet21k/ViT-B_16.npz`,
-`checkpoints/augreg/...`, `checkpoints/bit_models/BiT-M-R50x1.npz`). It is
-downloaded into `<file>.partial`, which a later run resumes (HTTP Range),
-checked against the size the server announced, and renamed into place. The
-server is `--hub_url`, else `$VIT_JAX_FT_HUB_URL`, else Google Cloud Storage.
+`checkpoints/augreg/...`, `checkpoints/bit_models/BiT-M-R50x1.npz`,
+`checkpoints/imagenet21k/Mixer-B_16.npz`), timm's in `<dest>/timm/<model name>[.<tag>]
+.safetensors`: where `pretrained_dir=<dest>/imagenet21k` (or `<dest>/timm`) finds the model
+name's file. It is downloaded into `<file>.partial`, which a later run resumes (HTTP Range),
+checked against the size the server announced, and renamed into place. The server is
+`--hub_url`, else `$VIT_JAX_FT_HUB_URL` (a mirror of both), else Google Cloud Storage and
+the Hugging Face Hub (`$HF_ENDPOINT` if set).
 """
 import csv
 import dataclasses
@@ -33,6 +39,10 @@ from vit_jax_ft.models import AUGREG_NAMES
 
 DEFAULT_HUB_URL = 'https://storage.googleapis.com'
 HUB_URL_ENV = 'VIT_JAX_FT_HUB_URL'
+# Each file's own server unless `--hub_url` or $VIT_JAX_FT_HUB_URL says otherwise:
+# (the environment variable that moves it, its address).
+SERVERS = {'gcs': (None, DEFAULT_HUB_URL), 'hf': ('HF_ENDPOINT', 'https://huggingface.co'),
+           'shi': (None, 'https://shi-labs.com')}
 # Seconds to connect and to wait for each read: offline, a fetch fails fast.
 TIMEOUT_S = 10.0
 _CHUNK_BYTES = 1 << 20
@@ -72,6 +82,39 @@ AUGREG_RECOMMENDED: Dict[str, Tuple[str, Optional[str]]] = {
 # BiT (google-research/big_transfer): BiT-S (ILSVRC-2012) and BiT-M
 # (ImageNet-21k); only BiT-M also comes fine-tuned on ILSVRC-2012.
 _BIT_ARCHITECTURES = ('R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4')
+# gs://mixer_models (the official vit_jax.ipynb's listing): folder -> Mixers.
+_MIXERS = {'imagenet21k': ('Mixer-B_16', 'Mixer-L_16'), 'imagenet1k': ('Mixer-B_16', 'Mixer-L_16'),
+           'sam': ('Mixer-B_16', 'Mixer-B_32'), 'gsam': ('Mixer-B_16', 'Mixer-B_32')}
+# timm's tags (pretrained_cfg hf_hub_id `timm/<name>.<tag>`) per name, timm's default first;
+# the others share its input convention (resnet's torchvision `tv_in1k`: bilinear, 0.875).
+TIMM_TAGS: Dict[str, Tuple[str, ...]] = {
+    'swin_tiny_patch4_window7_224': ('ms_in1k', 'ms_in22k', 'ms_in22k_ft_in1k'),
+    'swin_small_patch4_window7_224': ('ms_in22k_ft_in1k', 'ms_in22k', 'ms_in1k'),
+    'swin_base_patch4_window7_224': ('ms_in22k_ft_in1k', 'ms_in22k', 'ms_in1k'),
+    'swin_base_patch4_window12_384': ('ms_in22k_ft_in1k', 'ms_in22k', 'ms_in1k'),
+    'swin_large_patch4_window7_224': ('ms_in22k_ft_in1k', 'ms_in22k'),
+    'swin_large_patch4_window12_384': ('ms_in22k_ft_in1k', 'ms_in22k'),
+    'resnet50': ('a1_in1k', 'tv_in1k'),
+    'resnet101': ('a1h_in1k', 'tv_in1k'),
+    'resnet152': ('a1h_in1k', 'tv_in1k'),
+    'mixer_b16_224': ('goog_in21k_ft_in1k', 'goog_in21k'),
+    'mixer_l16_224': ('goog_in21k_ft_in1k', 'goog_in21k'),
+    'maxvit_tiny_tf_224': ('in1k',),
+    'maxvit_small_tf_224': ('in1k',),
+    'maxvit_base_tf_224': ('in1k',),  # Its in21k tag is normalised to [-1, 1]: left out.
+    'maxvit_base_tf_384': ('in1k', 'in21k_ft_in1k'),
+    'davit_tiny': ('msft_in1k',),
+    'davit_small': ('msft_in1k',),
+    'davit_base': ('msft_in1k',),
+}
+# The authors' NAT and DiNAT ImageNet-1k files (SHI-Labs/Neighborhood-Attention-Transformer's
+# README), PyTorch state dicts: name -> path on shi-labs.com.
+_NATS = {**{f'nat_{size}': f'projects/nat/checkpoints/CLS/nat_{size}.pth'
+            for size in ('mini', 'tiny', 'small', 'base')},
+         **{f'dinat_{size}': f'projects/dinat/checkpoints/imagenet1k/dinat_{size}_in1k_224.pth'
+            for size in ('mini', 'tiny', 'small', 'base')}}
+# Bucket folders left out of the local path (`vit_models/imagenet21k/...` -> `imagenet21k/...`).
+_BUCKETS = ('vit_models/', 'mixer_models/')
 
 
 class UnknownCheckpointError(ValueError):
@@ -89,11 +132,14 @@ class Checkpoint:
   name: str
   path: str  # Under the hub URL: `vit_models/imagenet21k/ViT-B_16.npz`.
   model_name: Optional[str]  # As in `models.get_model`; None if not registered.
+  server: str = 'gcs'  # A key of SERVERS.
+  local: str = ''  # Its path under `dest`; '' for the bucket path less `vit_models/`.
 
   @property
   def local_path(self) -> str:
-    """Where it lives under `dest`: its bucket path, `vit_models/` left out."""
-    return self.path.removeprefix('vit_models/')
+    """Where it lives under `dest`: `local`, else its bucket path less the bucket folder."""
+    return self.local or next((self.path.removeprefix(b) for b in _BUCKETS
+                               if self.path.startswith(b)), self.path)
 
 
 def augreg_checkpoint(filename: str) -> Checkpoint:
@@ -118,20 +164,33 @@ def _build_index() -> Dict[str, Checkpoint]:
       suffixes = ('', '-ILSVRC2012') if kind == 'BiT-M' else ('',)
       entries += [Checkpoint(f'{kind}-{arch}{s}', f'bit_models/{kind}-{arch}{s}.npz',
                              f'{kind}-{arch}') for s in suffixes]
+  entries += [Checkpoint(f'{folder}/{m}', f'mixer_models/{folder}/{m}.npz', m)
+              for folder, names in _MIXERS.items() for m in names]
+  for model, tags in TIMM_TAGS.items():
+    for i, tag in enumerate(tags):
+      name = f'timm/{model}' if i == 0 else f'timm/{model}.{tag}'  # The default: its name.
+      entries.append(Checkpoint(name, f'timm/{model}.{tag}/resolve/main/model.safetensors',
+                                model, 'hf', f'{name}.safetensors'))
+  entries += [Checkpoint(f'nat/{m}', path, m, 'shi', f'nat/{m}.pth') for m, path in _NATS.items()]
   return {c.name: c for c in entries}
 
 
 INDEX: Dict[str, Checkpoint] = _build_index()
+# timm's full hf_hub_id of each default tag names the same file as the model name.
+ALIASES = {f'timm/{model}.{tags[0]}': f'timm/{model}' for model, tags in TIMM_TAGS.items()}
 
 
-def hub_url(url: Optional[str] = None) -> str:
-  """The server: `url`, else `$VIT_JAX_FT_HUB_URL`, else Google Cloud Storage."""
-  return (url or os.environ.get(HUB_URL_ENV) or DEFAULT_HUB_URL).rstrip('/')
+def hub_url(url: Optional[str] = None, server: str = 'gcs') -> str:
+  """The server: `url`, else `$VIT_JAX_FT_HUB_URL`, else the file's own (GCS, Hugging Face)."""
+  variable, default = SERVERS[server]
+  own = os.environ.get(variable) if variable else None
+  return (url or os.environ.get(HUB_URL_ENV) or own or default).rstrip('/')
 
 
 def lookup(name: str) -> Checkpoint:
-  """The checkpoint called `name` (`.npz` optional; AugReg also by bare filename)."""
-  stem = name.removesuffix('.npz')
+  """The checkpoint called `name` (extension optional; AugReg also by bare filename)."""
+  stem = name.removesuffix('.npz').removesuffix('.safetensors')
+  stem = ALIASES.get(stem, stem)
   if stem in INDEX:
     return INDEX[stem]
   filename = stem.removeprefix('augreg/')
@@ -147,9 +206,18 @@ def lookup(name: str) -> Checkpoint:
       'names with `python -m vit_jax_ft.hub list`.')
 
 
+def pretrained_file(model_name: str) -> Optional[Checkpoint]:
+  """The public file that `pretrained_dir` finds for `model_name`: the first whose local name is
+  `{model_name}.npz` (official), `.safetensors` (timm's default tag) or `.pth` (NAT's)."""
+  files = {f'{model_name}{extension}' for extension in FORMATS}
+  return next((c for c in INDEX.values()
+               if c.model_name == model_name and os.path.basename(c.local_path) in files), None)
+
+
 def checkpoint_url(name: str, url: Optional[str] = None) -> str:
   """The download URL of the public checkpoint `name`."""
-  return f'{hub_url(url)}/{lookup(name).path}'
+  checkpoint = lookup(name)
+  return f'{hub_url(url, checkpoint.server)}/{checkpoint.path}'
 
 
 def _place_by_hand(url: str, target: str) -> str:
@@ -176,6 +244,26 @@ def _expected_size(response, offset: int) -> Tuple[int, Optional[int]]:
     return offset, int(m.group(2))
   length = response.headers.get('Content-Length')
   return 0, int(length) if length is not None else None
+
+
+def is_safetensors(path: str) -> bool:
+  """Whether `path` starts as a .safetensors file: an 8-byte header size, then its JSON."""
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  return (len(head) == 9 and head[8:] == b'{'
+          and 8 + int.from_bytes(head[:8], 'little') <= os.path.getsize(path))
+
+
+def is_torch_file(path: str) -> bool:
+  """Whether `path` is a `torch.save` file: a zip archive, or a pickle of older torch."""
+  with open(path, 'rb') as f:
+    return zipfile.is_zipfile(path) or f.read(1) == b'\x80'
+
+
+# What a downloaded file must look like, by extension.
+FORMATS: Dict[str, Callable[[str], bool]] = {'.npz': zipfile.is_zipfile,
+                                             '.safetensors': is_safetensors,
+                                             '.pth': is_torch_file}
 
 
 def download(url: str, target: str, timeout: float = TIMEOUT_S) -> None:
@@ -218,10 +306,12 @@ def download(url: str, target: str, timeout: float = TIMEOUT_S) -> None:
         f'{url}: received {size:,} bytes but the server announced {total:,}. '
         + ('Run the same fetch again to resume.' if size < total else
            'The partial file was removed; run the fetch again.'))
-  if not zipfile.is_zipfile(partial):
+  kind = os.path.splitext(target)[1]
+  if not FORMATS[kind](partial):
     os.remove(partial)
-    raise FetchError(f'{url} did not return an .npz file. ' + _place_by_hand(url, target))
+    raise FetchError(f'{url} did not return an {kind} file. ' + _place_by_hand(url, target))
   os.replace(partial, target)
+
 
 
 def _augreg_model(name: str) -> Optional[str]:
@@ -261,7 +351,7 @@ def fetch(name: str, dest: str = 'checkpoints', url: Optional[str] = None,
   checkpoint = pick(name, url, timeout)
   target = os.path.join(dest, checkpoint.local_path)
   if not os.path.exists(target):
-    download(f'{hub_url(url)}/{checkpoint.path}', target, timeout)
+    download(f'{hub_url(url, checkpoint.server)}/{checkpoint.path}', target, timeout)
   return target
 
 
@@ -281,7 +371,7 @@ def resolve(name_or_path: str, dest: str = 'checkpoints', fetch_missing: bool = 
     raise FileNotFoundError(
         f'{name_or_path} is not at {target}. Fetch it with `python -m vit_jax_ft.hub '
         f'fetch {checkpoint.name} --dest={dest}`. '
-        + _place_by_hand(f'{hub_url()}/{checkpoint.path}', target))
+        + _place_by_hand(f'{hub_url(server=checkpoint.server)}/{checkpoint.path}', target))
   return fetch(checkpoint.name, dest)
 
 
@@ -332,11 +422,11 @@ def _list_command(args: List[str]) -> None:
   if args:
     raise app.UsageError(f'list takes no arguments, got {args}; use --filter=TEXT.')
   checkpoints, from_index = list_checkpoints(FLAGS.hub_url, FLAGS.timeout)
-  print(f'  {"model":18s} name   (* = already in {FLAGS.dest}/)')
+  print(f'  {"model":30s} name   (* = already in {FLAGS.dest}/)')
   for c in checkpoints:
     if FLAGS.filter in c.name:
       present = os.path.exists(os.path.join(FLAGS.dest, c.local_path))
-      print(f'{"*" if present else " "} {c.model_name or "-":18s} {c.name}')
+      print(f'{"*" if present else " "} {c.model_name or "-":30s} {c.name}')
   if not from_index:
     print('(augreg/index.csv was unreachable: AugReg shows only the README\'s '
           'recommended files; any augreg/<filename> can still be fetched.)')

@@ -48,7 +48,7 @@ def check(config: ml_collections.ConfigDict, model: nn.Module) -> None:
   """Raises when the train or test ops disagree with `pp.crop`; warns about dropped pixels."""
   crop = config.pp.crop
   for split, key in (('training', 'train_ops'), ('test', 'test_ops')):
-    ops = preprocess.default_ops(config.pp, train=split == 'training')
+    ops = preprocess.default_ops(config, train=split == 'training')
     height, width = output_size(ops)
     if (height, width) != (crop, crop):
       raise ValueError(

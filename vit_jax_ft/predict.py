@@ -97,7 +97,7 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
 
 def load_images(paths: Sequence[str], config: ml_collections.ConfigDict) -> np.ndarray:
   """Image files through the config's evaluation preprocessing: (n, crop, crop, 3)."""
-  decode, process = preprocess.build(preprocess.default_ops(config.pp, train=False))
+  decode, process = preprocess.build(preprocess.default_ops(config, train=False))
   seed = tf.constant([0, 0], tf.int64)
   images = []
   for path in paths:

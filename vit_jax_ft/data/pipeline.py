@@ -93,7 +93,7 @@ def get_eval_data(config: ml_collections.ConfigDict, split: Optional[str] = None
 def _host_batches(config: ml_collections.ConfigDict, source: sources.Source,
                   records: tf.data.Dataset, local: int, train: bool) -> batching.HostBatches:
   """Batches of up to `local` records to numpy batches of `local` examples in their slots."""
-  decode, augment = preprocess.build(preprocess.default_ops(config.pp, train))
+  decode, augment = preprocess.build(preprocess.default_ops(config, train))
   seed = config.seed if train else 0
 
   def load(record):

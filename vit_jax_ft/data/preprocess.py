@@ -2,13 +2,17 @@
 
 Each op takes `(image, seed)` and returns an image. Random ops draw from stateless
 TF ops seeded per example, so results do not depend on parallelism or on where a run
-resumed. The official vit_jax pipeline is `default_ops(config, train)`.
+resumed. `default_ops(config, train)` is the pipeline the weights of `config.model_name`
+expect: the official vit_jax one for the official names, timm's for timm's names.
 """
 import ast
+import math
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import ml_collections
 import tensorflow as tf
+
+from vit_jax_ft import models
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 OPS: Dict[str, Callable[..., Op]] = {}
@@ -53,14 +57,14 @@ def resize(size: Size, method: str = 'bilinear') -> Op:
 
 
 @register('resize_small')
-def resize_small(smaller_size: int, method: str = 'area') -> Op:
+def resize_small(smaller_size: int, method: str = 'area', antialias: bool = False) -> Op:
   """Resizes so the shorter side is `smaller_size`, keeping the aspect ratio (big_vision)."""
   def _resize_small(image, seed):
     del seed
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = smaller_size / tf.reduce_min(shape)
     new_shape = tf.cast(tf.round(shape * scale), tf.int32)
-    return tf.image.resize(image, new_shape, method=method)
+    return tf.image.resize(image, new_shape, method=method, antialias=antialias)
   return _resize_small
 
 
@@ -75,6 +79,24 @@ def central_crop(size: Size) -> Op:
     left = (tf.shape(image)[1] - crop_w) // 2
     return tf.image.crop_to_bounding_box(image, top, left, crop_h, crop_w)
   return _central_crop
+
+
+@register('timm_eval_crop')
+def timm_eval_crop(crop: int, crop_pct: float, method: str = 'bicubic') -> Op:
+  """timm's evaluation: the shorter side to floor(crop / crop_pct) (the longer truncated, as
+  torchvision), antialiased and rounded to uint8 as PIL, then the central crop (its offsets
+  rounded half to even, as torchvision)."""
+  shorter = math.floor(crop / crop_pct)
+
+  def _timm_eval_crop(image, seed):
+    del seed
+    shape = tf.shape(image)[:2]
+    new_shape = shape * shorter // tf.reduce_min(shape)
+    image = tf.image.resize(image, new_shape, method=method, antialias=True)
+    image = tf.round(tf.clip_by_value(image, 0, 255))
+    top, left = tf.unstack(tf.cast(tf.round((new_shape - crop) / 2), tf.int32))
+    return tf.image.crop_to_bounding_box(image, top, left, crop, crop)
+  return _timm_eval_crop
 
 
 @register('random_crop')
@@ -134,6 +156,18 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: fl
   return _value_range
 
 
+@register('normalize')
+def normalize(mean: Sequence[float], std: Sequence[float]) -> Op:
+  """`(x / 255 - mean) / std` per channel as float32: timm's ToTensor then Normalize (big_vision's
+  `vgg_value_range`, with mean and std of [0, 1] pixels)."""
+  mean, std = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+
+  def _normalize(image, seed):
+    del seed
+    return (tf.cast(image, tf.float32) / 255 - mean) / std
+  return _normalize
+
+
 def parse(spec: str) -> List[Tuple[str, Tuple[Any, ...], Dict[str, Any]]]:
   """Splits `op1(args)|op2|...` into (name, args, kwargs) triples; arguments are literals."""
   ops = []
@@ -181,15 +215,30 @@ def _instantiate(name: str, args: tuple, kwargs: dict, spec: str) -> Op:
     raise ValueError(f'Bad arguments for preprocessing op {name!r} in {spec!r}: {e}') from e
 
 
-def default_ops(pp: ml_collections.ConfigDict, train: bool) -> str:
-  """The op string of `pp.train_ops`/`pp.test_ops`, or the official one built from crop/resize."""
+def _value_op(convention: models.InputConvention) -> str:
+  """The normalisation op; mean = std = 0.5 is the official `value_range(-1,1)` (the same map)."""
+  if convention.mean == convention.std == (0.5, 0.5, 0.5):
+    return 'value_range(-1,1)'
+  return f'normalize({tuple(convention.mean)}, {tuple(convention.std)})'
+
+
+def default_ops(config: ml_collections.ConfigDict, train: bool) -> str:
+  """`pp.train_ops`/`pp.test_ops`, else the ops built from `pp.crop`/`pp.resize` and the input
+  convention of `config.model_name` (official names: the official vit_jax pipeline)."""
+  pp = config.pp
   explicit = pp.train_ops if train else pp.test_ops
   if explicit:
     return explicit
+  convention = models.input_convention(config.model_name)
+  method = '' if convention.interpolation is None else f", method='{convention.interpolation}'"
+  value = _value_op(convention)
   crop, resize_to = pp.crop, pp.get('resize')
-  if resize_to:  # big_vision variant.
+  if resize_to:  # big_vision variant; timm's interpolation antialiased, as PIL resizes.
     crop_op = f'random_crop({crop})|flip_lr' if train else f'central_crop({crop})'
-    return f'decode|resize_small({resize_to})|{crop_op}|value_range(-1,1)'
+    antialias = ', antialias=True' if method else ''
+    return f'decode|resize_small({resize_to}{method}{antialias})|{crop_op}|{value}'
   if train:  # Official vit_jax: inception crop (5% to 100% of the area), random flip.
-    return f'decode|inception_crop({crop})|flip_lr|value_range(-1,1)'
-  return f'decode|resize({crop})|value_range(-1,1)'
+    return f'decode|inception_crop({crop}{method})|flip_lr|{value}'
+  if convention.crop_pct:
+    return f'decode|timm_eval_crop({crop}, {convention.crop_pct}{method})|{value}'
+  return f'decode|resize({crop}{method})|{value}'

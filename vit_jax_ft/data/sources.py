@@ -120,7 +120,7 @@ def get_source(config: ml_collections.ConfigDict, split: str, train: bool) -> So
     return stream.Streamed(_tfds_builder(config), split, config.seed, config.shuffle_buffer)
   examples = load_split(config, split)
   if config.cache:
-    decode_spec = preprocess.default_ops(config.pp, train).split('|')[0]
+    decode_spec = preprocess.default_ops(config, train).split('|')[0]
     examples = memory.cached(examples, decode_spec, config.on_corrupt_image,
                              f'{config.dataset} split {split}')
   return memory.InMemory(examples, _train_order(config, examples) if train else None)

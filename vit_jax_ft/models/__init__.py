@@ -10,7 +10,8 @@ from vit_jax_ft.models.davit import DaVit
 from vit_jax_ft.models.maxvit import MaxVit
 from vit_jax_ft.models.mixer import MlpMixer
 from vit_jax_ft.models.nat import NAT
-from vit_jax_ft.models.registry import AUGREG_NAMES, MODEL_SPECS
+from vit_jax_ft.models.registry import (AUGREG_NAMES, INPUT_CONVENTIONS, MODEL_SPECS,
+                                        InputConvention)
 from vit_jax_ft.models.resnet import BitResNet
 from vit_jax_ft.models.resnet_v1 import ResNetV1
 from vit_jax_ft.models.swin import SwinTransformer
@@ -52,11 +53,22 @@ def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   return module_class(num_classes=num_classes, model_name=name, **spec)
 
 
+def input_convention(name: str) -> InputConvention:
+  """How the released weights of `name` expect their images (the default preprocessing)."""
+  if name not in MODEL_SPECS:
+    raise unknown_model_error(name)
+  if name not in INPUT_CONVENTIONS:
+    raise ValueError(f'Model {name!r} has no input convention: add it to INPUT_CONVENTIONS in '
+                     'vit_jax_ft/models/registry.py (timm names: `timm_input(...)` from '
+                     "timm's pretrained_cfg).")
+  return INPUT_CONVENTIONS[name]
+
+
 def abstract_variables(model: nn.Module, image_size: int) -> Any:
   """Shapes and dtypes of `model`'s variables for square `image_size` inputs; nothing runs."""
   return jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
 
 
-__all__ = ['AUGREG_NAMES', 'MODEL_SPECS', 'abstract_variables', 'get_model',
-           'unknown_model_error']
+__all__ = ['AUGREG_NAMES', 'INPUT_CONVENTIONS', 'InputConvention', 'MODEL_SPECS',
+           'abstract_variables', 'get_model', 'input_convention', 'unknown_model_error']

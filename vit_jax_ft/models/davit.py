@@ -220,6 +220,11 @@ class DaVit(nn.Module):
     return x.astype(jnp.float32)
 
 
+def is_params_tree(params: Mapping[str, Any]) -> bool:
+  """Whether `params` is this module's tree (to write back in timm's layout)."""
+  return 'stages_0' in params and 'conv' in params.get('stem', {})
+
+
 def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:
   """Whether the keys are timm's DaViT layout."""
   return 'stem.conv.weight' in state_dict and any('.cpe1.proj.' in k for k in state_dict)

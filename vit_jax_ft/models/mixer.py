@@ -90,6 +90,15 @@ _TIMM_TO_OFFICIAL = (
 )
 
 
+# The official names -> timm's, the inverse of `_TIMM_TO_OFFICIAL`.
+_OFFICIAL_TO_TIMM = (
+    (r'^stem/', 'stem/proj/'), (r'^MixerBlock_(\d+)/', r'blocks/\1/'),
+    (r'/LayerNorm_0/', '/norm1/'), (r'/LayerNorm_1/', '/norm2/'),
+    (r'/token_mixing/', '/mlp_tokens/'), (r'/channel_mixing/', '/mlp_channels/'),
+    (r'/Dense_0/', '/fc1/'), (r'/Dense_1/', '/fc2/'), (r'^pre_head_layer_norm/', 'norm/'),
+)
+
+
 def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:
   """Whether the keys are timm's MlpMixer layout."""
   return any('.mlp_tokens.fc1.' in k for k in state_dict)
@@ -111,3 +120,24 @@ def from_timm(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
         name = name[:-len('weight')] + 'scale'
     flat[name] = value
   return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def is_params_tree(params: Mapping[str, Any]) -> bool:
+  """Whether `params` is this module's tree (official or from timm: the same names)."""
+  return 'MixerBlock_0' in params and 'stem' in params
+
+
+def to_timm(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """This module's params tree -> timm's Mixer state dict (the inverse of `from_timm`)."""
+  state = {}
+  for name, value in traverse_util.flatten_dict(dict(params), sep='/').items():
+    value = np.asarray(value)
+    for pattern, replacement in _OFFICIAL_TO_TIMM:
+      name = re.sub(pattern, replacement, name)
+    if name.endswith('/kernel'):  # Conv (h, w, in, out) -> (out, in, h, w); Linear: (out, in).
+      name, value = name[:-len('kernel')] + 'weight', (
+          value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
+    elif name.endswith('/scale'):
+      name = name[:-len('scale')] + 'weight'
+    state[name.replace('/', '.')] = np.ascontiguousarray(value)
+  return state

@@ -1,4 +1,6 @@
-"""The official model names and their hyper-parameters (from `vit_jax/configs/models.py`)."""
+"""The model names, their hyper-parameters (official ones from `vit_jax/configs/models.py`)
+and the input convention their released weights expect."""
+import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 # Each entry: the module class name and its keyword arguments.
@@ -144,3 +146,63 @@ AUGREG_NAMES = {
     for name, spec in MODEL_SPECS.items()
     if spec['kind'] == 'vit' and name not in _NOT_AUGREG
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConvention:
+  """How a model's released weights expect their images (timm's `pretrained_cfg` fields)."""
+
+  # Per-channel mean and std of pixels scaled to [0, 1]; 0.5 and 0.5 is the official [-1, 1].
+  mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+  std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+  # A `tf.image.resize` method for every resize, antialiased as PIL; None keeps each op's own
+  # (official: bilinear crops and resizes, big_vision's area for `pp.resize`).
+  interpolation: Optional[str] = None
+  # Test time: None resizes the whole image to the crop (official); else timm's shorter side
+  # to floor(crop / crop_pct), then the central crop.
+  crop_pct: Optional[float] = None
+  input_size: int = 224  # The resolution the weights were trained at.
+
+
+# The official ViT, hybrid, BiT and Mixer `.npz` files: the official vit_jax pipeline.
+OFFICIAL_INPUT = InputConvention()
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def timm_input(crop_pct: float, input_size: int = 224, interpolation: str = 'bicubic',
+               mean: Tuple[float, float, float] = IMAGENET_MEAN,
+               std: Tuple[float, float, float] = IMAGENET_STD) -> InputConvention:
+  """The convention of a timm name's default pretrained tag (`timm.create_model(name)
+  .pretrained_cfg`)."""
+  return InputConvention(mean, std, interpolation, crop_pct, input_size)
+
+
+# Per name; the timm names from the pretrained_cfg of each name's default tag (timm 1.0).
+INPUT_CONVENTIONS: Dict[str, InputConvention] = {
+    name: OFFICIAL_INPUT for name, spec in MODEL_SPECS.items()
+    if spec['kind'] in ('vit', 'bit') or name.startswith('Mixer-')}
+INPUT_CONVENTIONS.update({
+    'swin_tiny_patch4_window7_224': timm_input(0.9),  # .ms_in1k
+    'swin_small_patch4_window7_224': timm_input(0.9),  # .ms_in22k_ft_in1k, as the rest.
+    'swin_base_patch4_window7_224': timm_input(0.9),
+    'swin_base_patch4_window12_384': timm_input(1.0, 384),
+    'swin_large_patch4_window7_224': timm_input(0.9),
+    'swin_large_patch4_window12_384': timm_input(1.0, 384),
+    'resnet50': timm_input(0.95),  # .a1_in1k (torchvision's .tv_in1k: bilinear, 0.875).
+    'resnet101': timm_input(0.95),  # .a1h_in1k
+    'resnet152': timm_input(0.95),  # .a1h_in1k
+    'mixer_b16_224': timm_input(0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    'mixer_l16_224': timm_input(0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    'maxvit_tiny_tf_224': timm_input(0.95),  # .in1k
+    'maxvit_small_tf_224': timm_input(0.95),
+    'maxvit_base_tf_224': timm_input(0.95),
+    # .in1k, crop_mode 'squash': the whole image resized to 384 x 384 (crop_pct None here).
+    'maxvit_base_tf_384': InputConvention(interpolation='bicubic', input_size=384),
+    'davit_tiny': timm_input(0.95),  # .msft_in1k
+    'davit_small': timm_input(0.95),
+    'davit_base': timm_input(0.95),
+})
+# The authors' NAT and DiNAT: no pretrained_cfg of their own, so timm's defaults of their
+# training code.
+INPUT_CONVENTIONS.update({name: timm_input(0.875) for name, spec in MODEL_SPECS.items()
+                          if spec['kind'] == 'nat'})

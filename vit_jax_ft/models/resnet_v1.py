@@ -99,3 +99,31 @@ def from_timm(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
       params[path + ('scale' if leaf == 'weight' else 'bias',)] = value
   return {'params': traverse_util.unflatten_dict(params),
           'batch_stats': traverse_util.unflatten_dict(stats)}
+
+
+def is_params_tree(params: Mapping[str, Any]) -> bool:
+  """Whether `params` is this module's tree (to write back in timm's layout)."""
+  return 'conv1' in params and 'layer1_0' in params
+
+
+def to_timm(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """`{'params', 'batch_stats'}` -> timm's ResNet state dict (the inverse of `from_timm`).
+
+  Each BatchNorm also gets timm's `num_batches_tracked` (int64, 0: only PyTorch's cumulative
+  averaging reads it, which timm's momentum 0.1 does not use).
+  """
+  if 'batch_stats' not in variables:
+    raise ValueError('ResNet variables without `batch_stats`: timm needs each BatchNorm\'s '
+                     'running mean and variance; pass {"params": ..., "batch_stats": ...}.')
+  module = lambda path: '.'.join(re.sub(r'_(\d+)$', r'.\1', n) for n in path)  # noqa: E731
+  state = {}
+  for path, value in traverse_util.flatten_dict(dict(variables['params'])).items():
+    value = np.asarray(value)
+    if path[-1] == 'kernel':  # Conv (h, w, in, out) -> (out, in, h, w); Linear: (out, in).
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    leaf = 'bias' if path[-1] == 'bias' else 'weight'  # Kernels and BatchNorm scales.
+    state[f'{module(path[:-1])}.{leaf}'] = np.ascontiguousarray(value)
+  for path, value in traverse_util.flatten_dict(dict(variables['batch_stats'])).items():
+    state[f'{module(path[:-1])}.running_{path[-1]}'] = np.asarray(value)
+    state[f'{module(path[:-1])}.num_batches_tracked'] = np.zeros((), np.int64)
+  return state

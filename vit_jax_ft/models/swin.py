@@ -307,3 +307,22 @@ def from_timm(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
     leaf, value = flax_leaf(leaf, np.asarray(value))
     flat[(*path, leaf)] = value
   return traverse_util.unflatten_dict(flat)
+
+
+def is_params_tree(params: Mapping[str, Any]) -> bool:
+  """Whether `params` is this module's tree (to write back in timm's layout)."""
+  return 'patch_embed' in params and 'layers_0' in params
+
+
+def to_timm(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """This module's params tree -> timm's Swin state dict (the inverse of `from_timm`)."""
+  state = {}
+  for path, value in traverse_util.flatten_dict(dict(params)).items():
+    value = np.asarray(value)
+    *modules, leaf = (re.sub(r'_(\d+)$', r'.\1', name) for name in path)
+    if leaf == 'kernel':  # Conv (h, w, in, out) -> (out, in, h, w); Linear (in, out) -> (out, in).
+      leaf, value = 'weight', value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    elif leaf == 'scale':
+      leaf = 'weight'
+    state['.'.join(modules + [leaf])] = np.ascontiguousarray(value)
+  return state
