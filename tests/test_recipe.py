@@ -16,7 +16,8 @@ from sklearn.datasets import load_digits
 
 import tiny_config
 from test_train_step import tiny_setup
-from vit_jax_ft import checkpointing, defaults, optim, predict, recipe, run_dir, train
+from vit_jax_ft import (checkpointing, defaults, evaluate, optim, predict, recipe, run_dir,
+                        train)
 
 
 def numpy_targets(labels, num_classes, smoothing, weights=None):
@@ -350,3 +351,8 @@ def test_resuming_with_another_ema_setting_names_the_key(tmp_path, saved_ema, wa
   with pytest.raises(checkpointing.CheckpointError, match=r'config.ema_decay: .ema_params'):
     checkpointing.restore_latest(manager, target)
   checkpointing.finish(manager)
+
+
+def test_ema_evaluations_get_their_own_output_folder():
+  assert evaluate.default_output_dir('/w', 'test', 7, ema=True) == '/w/evaluation/test_step7_ema'
+  assert evaluate.default_output_dir('/w', 'test', 7) == '/w/evaluation/test_step7'

@@ -135,8 +135,8 @@ def _try_restore(mgr: ocp.CheckpointManager, step: int, target: Any) -> Tuple[An
   if mismatch:
     raise CheckpointError(
         f'The checkpoint of step {step} in {mgr.directory} was written with another model, '
-        f'image size or config.ema_decay: {mismatch}. Rerun with the config of that run (config.json in the '
-        'workdir) or pass a new --workdir.')
+        f'image size or config.ema_decay: {mismatch}. Rerun with the config of that run '
+        '(config.json in the workdir) or pass a new --workdir.')
   try:
     return mgr.restore(step, args=ocp.args.StandardRestore(target)), ''
   except Exception as e:  # Orbax and tensorstore raise many types for damaged files.
