@@ -15,9 +15,9 @@ from scipy import stats
 from sklearn.datasets import load_digits
 
 import tiny_config
-from test_train_step import tiny_setup
-from vit_jax_ft import (checkpointing, defaults, evaluate, optim, predict, recipe, run_dir,
-                        train)
+from conftest import random_params
+from vit_jax_ft import (checkpointing, defaults, evaluate, models, optim, predict, recipe,
+                        run_dir, train)
 
 
 def numpy_targets(labels, num_classes, smoothing, weights=None):
@@ -39,10 +39,14 @@ def numpy_mix(images, targets, lam, cutmix, box):
   return mixed, lam * targets + (1 - lam) * targets[::-1]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, images):
+  return model.apply({'params': params}, images)
+
+
 def numpy_loss(model, params, images, targets, normaliser):
   """sum(-targets * log_softmax(logits)) / normaliser in float64, from the model's logits."""
-  apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  logits = np.asarray(apply(params, jnp.asarray(images, jnp.float32)), np.float64)
+  logits = np.asarray(_logits(model, params, jnp.asarray(images, jnp.float32)), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
                          ) - logits.max(-1, keepdims=True)
   return -(targets * logp).sum() / normaliser
@@ -98,41 +102,40 @@ def test_mixed_images_and_targets_equal_numpy_for_the_drawn_lambda_and_box():
   assert kinds == {False, True}  # Both mixup blends and CutMix boxes were checked.
 
 
-def _draws(step_recipe, n=3000, size=1000):
-  keys = jax.random.split(jax.random.PRNGKey(1), n)
-  return jax.device_get(jax.vmap(lambda k: recipe.sample(k, step_recipe, size, size))(keys))
-
-
-def test_lambda_is_beta_and_probabilities_are_those_asked():
-  draws = _draws(recipe.StepRecipe(mixup_alpha=0.4, mix_prob=0.6))
-  mixed = draws.lam[draws.lam < 1]
-  assert len(mixed) / len(draws.lam) == pytest.approx(0.6, abs=0.03)
-  assert stats.kstest(mixed, stats.beta(0.4, 0.4).cdf).pvalue > 0.01
-  draws = _draws(recipe.StepRecipe(mixup_alpha=0.4, cutmix_alpha=1.0, mixup_switch_prob=0.3))
-  assert draws.cutmix.mean() == pytest.approx(0.3, abs=0.03)
-  assert stats.kstest(draws.lam[~draws.cutmix], stats.beta(0.4, 0.4).cdf).pvalue > 0.01
-
-
-def test_cutmix_box_area_is_one_minus_lambda_clipped_at_the_edges():
-  # A square of side a = sqrt(1 - lam), centred uniformly in the unit image, keeps on average
-  # (a - a**2 / 4) of each side after clipping; lam ~ Beta(1, 1) is uniform.
-  draws = _draws(recipe.StepRecipe(cutmix_alpha=1.0))
+def test_lambda_box_and_probabilities_follow_their_distributions():
+  step_recipe = recipe.StepRecipe(mixup_alpha=0.4, cutmix_alpha=1.0, mix_prob=0.6,
+                                  mixup_switch_prob=0.3)
+  keys = jax.random.split(jax.random.PRNGKey(1), 8000)
+  draws = jax.device_get(jax.vmap(lambda k: recipe.sample(k, step_recipe, 1000, 1000))(keys))
+  mixed = draws.lam < 1
+  assert mixed.mean() == pytest.approx(0.6, abs=0.02)
+  assert draws.cutmix.mean() == pytest.approx(0.3, abs=0.02)
+  assert stats.kstest(draws.lam[mixed & ~draws.cutmix], stats.beta(0.4, 0.4).cdf).pvalue > 0.01
+  # CutMix: a square of side a = sqrt(1 - lam), lam ~ Beta(1, 1) (uniform), centred uniformly
+  # in the unit image, keeps on average a - a**2 / 4 of each side after clipping.
   side = np.sqrt(1 - np.linspace(0, 1, 200_001))
   want = np.mean((side - side**2 / 4) ** 2)
-  area = 1 - draws.lam
-  assert draws.cutmix.all()
+  area = 1 - draws.lam[mixed & draws.cutmix]
   assert area.mean() == pytest.approx(want, abs=3 * area.std() / np.sqrt(len(area)))
 
 
 def _setup():
-  """test_train_step's tiny model and batch, with a float32 momentum (bfloat16 rounding would
-  hide small differences or make them)."""
-  model, _, state, batch = tiny_setup()
+  """A one-block ViT on 16 random 16 px images of 5 classes, SGD with a float32 momentum
+  (bfloat16 rounding would hide small differences or make them)."""
+  model = models.get_model('testing', 5, hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
+                           patch_size=(4, 4), dropout_rate=0.0)
   config = defaults.get_config()
   config.total_steps, config.warmup_steps, config.base_lr = 10, 2, 0.1
   config.optim_dtype = 'float32'
   tx = optim.make_optimizer(config)
-  return model, tx, state.replace(opt_state=tx.init(state.params)), batch
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32),
+           'label': rng.integers(0, 5, 16).astype(np.int32)}
+  params = random_params(jax.jit(lambda x: model.init(
+      jax.random.PRNGKey(0), x, train=False))(batch['image'][:1])['params'], scale=0.1)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params))
+  return model, tx, state, batch
 
 
 def _step_fn(model, tx, accum_steps, step_recipe):
@@ -152,43 +155,42 @@ def test_label_smoothing_loss_with_weights_and_accumulation_equals_numpy():
 
 
 @pytest.fixture(scope='module')
-def mixed_runs():
-  """Three steps with smoothing, mixup/CutMix, weights and EMA, at accum_steps 1 and 4."""
+def mixed_run():
+  """Three steps at accum_steps=4 with smoothing, mixup/CutMix, loss weights and EMA."""
   model, tx, state, batch = _setup()
   batch = dict(batch, weight=np.random.default_rng(2).uniform(0, 2, 16).astype(np.float32))
   step_recipe = recipe.StepRecipe(label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
                                   ema_decay=0.6)
   state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
-  runs = {}
-  for accum_steps in (1, 4):
-    step_fn, s, trajectory, losses = _step_fn(model, tx, accum_steps, step_recipe), state, [], []
-    for _ in range(3):
-      s, metrics = step_fn(s, batch)
-      trajectory.append(jax.device_get(s.params))
-      losses.append(float(metrics['loss']))
-    runs[accum_steps] = (s, trajectory, losses)
-  return model, state, batch, step_recipe, runs
+  step_fn, s, trajectory, losses = _step_fn(model, tx, 4, step_recipe), state, [], []
+  for _ in range(3):
+    s, metrics = step_fn(s, batch)
+    trajectory.append(jax.device_get(s.params))
+    losses.append(float(metrics['loss']))
+  return model, state, batch, step_recipe, (s, trajectory, losses)
 
 
-def test_mixed_step_loss_equals_numpy_and_accumulation_changes_nothing(mixed_runs):
-  model, state, batch, step_recipe, runs = mixed_runs
-  # The key train_step draws step 0's mixing from.
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(1), 0), recipe.MIX_STREAM)
-  mix = jax.device_get(recipe.sample(key, step_recipe, 32, 32))
-  targets = numpy_targets(batch['label'], 5, 0.1, batch['weight'])
-  images, targets = numpy_mix(batch['image'], targets, float(mix.lam), bool(mix.cutmix),
-                              mix.box)
-  want = numpy_loss(model, state.params, images, targets, batch['weight'].sum())
-  assert float(mix.lam) < 1
-  np.testing.assert_allclose(runs[1][2][0], want, rtol=1e-5)
-  np.testing.assert_allclose(runs[4][2], runs[1][2], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(runs[1][0]), jax.tree.leaves(runs[4][0])):
-    np.testing.assert_allclose(a, b, atol=5e-6)
+def test_mixed_step_loss_is_numpy_of_the_global_batch_mixed_by_the_step_key(mixed_run):
+  model, state, batch, step_recipe, (_, trajectory, losses) = mixed_run
+  kinds = []
+  for step, params in enumerate([state.params, trajectory[0]]):
+    # The key train_step draws a step's mixing from; mixing the whole batch before the
+    # micro-batch split, so accum_steps=4 gives the loss of the mixed global batch.
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(1), step),
+                             recipe.MIX_STREAM)
+    mix = jax.device_get(jax.jit(recipe.sample, static_argnums=(1, 2, 3))(
+        key, step_recipe, 16, 16))
+    targets = numpy_targets(batch['label'], 5, 0.1, batch['weight'])
+    images, targets = numpy_mix(batch['image'], targets, float(mix.lam), bool(mix.cutmix),
+                                mix.box)
+    want = numpy_loss(model, params, images, targets, batch['weight'].sum())
+    np.testing.assert_allclose(losses[step], want, rtol=1e-5)
+    kinds.append((float(mix.lam), bool(mix.cutmix)))
+  assert kinds[0] != kinds[1] and all(lam < 1 for lam, _ in kinds)
 
 
-def test_ema_is_the_recurrence_over_the_parameter_trajectory(mixed_runs):
-  _, state, _, _, runs = mixed_runs
-  final, trajectory, _ = runs[1]
+def test_ema_is_the_recurrence_over_the_parameter_trajectory(mixed_run):
+  _, state, _, _, (final, trajectory, _) = mixed_run
   want = jax.tree.map(lambda p: np.asarray(p, np.float64), jax.device_get(state.params))
   for params in trajectory:
     want = jax.tree.map(lambda e, p: 0.6 * e + 0.4 * p, want, params)
