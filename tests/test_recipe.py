@@ -66,7 +66,7 @@ def test_bad_recipe_values_are_errors_listing_the_allowed_ones(key, value, tmp_p
 @pytest.mark.parametrize('key,value,allowed', [
     ('plateau_factor', 1.0, r'in \(0, 1\)'), ('plateau_patience', 0, 'an integer >= 1'),
     ('plateau_cooldown', -1, 'an integer >= 0'), ('plateau_rtol', 2.0, r'in \[0, 1\]'),
-    ('plateau_atol', -1.0, '>= 0')])
+    ('plateau_atol', -1.0, '>= 0'), ('eval_every', 0, 'an integer >= 1 with reduce_on')])
 def test_bad_plateau_values_are_errors(key, value, allowed):
   config = defaults.get_config()
   config.decay_type = 'reduce_on_plateau'

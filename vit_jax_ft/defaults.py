@@ -94,8 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   # reduce_on_plateau (optax.contrib's): base_lr times a scale that drops by `plateau_factor`
   # once the evaluation loss (of config.pp.test, every `eval_every` steps) has not beaten its
   # best by rtol * best + atol for `plateau_patience` evaluations, then waits
-  # `plateau_cooldown` evaluations. Evaluations during warm-up do not count. The scale is in
-  # the optimiser state, so checkpoints keep it.
+  # `plateau_cooldown` evaluations (so eval_every must be >= 1). Evaluations during warm-up do
+  # not count. The scale is in the optimiser state, so checkpoints keep it.
   config.plateau_factor = 0.1
   config.plateau_patience = 3
   config.plateau_cooldown = 0

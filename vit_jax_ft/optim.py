@@ -109,6 +109,8 @@ def plateau_transform(config: ml_collections.ConfigDict) -> optax.GradientTransf
                            and config.plateau_cooldown >= 0, 'an integer >= 0'),
       'plateau_rtol': (0 <= config.plateau_rtol <= 1, 'in [0, 1]'),
       'plateau_atol': (config.plateau_atol >= 0, '>= 0'),
+      'eval_every': (config.eval_every >= 1, 'an integer >= 1 with reduce_on_plateau, which '
+                     'reads the loss of each evaluation'),
   }
   for key, (valid, allowed) in checks.items():
     if not valid:
