@@ -92,8 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.decay_milestones = ()
   config.decay_factor = 0.1
   # reduce_on_plateau (optax.contrib's): base_lr times a scale that drops by `plateau_factor`
-  # once the evaluation loss (of config.pp.test, every `eval_every` steps) has not beaten its
-  # best by rtol * best + atol for `plateau_patience` evaluations, then waits
+  # once the evaluation loss (raw parameters on config.pp.test, every `eval_every` steps) has
+  # not beaten its best by rtol * best + atol for `plateau_patience` evaluations, then waits
   # `plateau_cooldown` evaluations (so eval_every must be >= 1). Evaluations during warm-up do
   # not count. The scale is in the optimiser state, so checkpoints keep it.
   config.plateau_factor = 0.1
