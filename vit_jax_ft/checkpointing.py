@@ -104,15 +104,21 @@ def _quiet_failed_reads() -> None:
 
 
 def _shape_mismatch(mgr: ocp.CheckpointManager, step: int, target: Any) -> Optional[str]:
-  """The first array saved with another shape than in `target`: a changed config, not damage."""
+  """The first array saved with another shape than in `target`, or a part (`ema_params`) saved
+  but not wanted or the reverse: a changed config, not damage."""
   saved = mgr.item_metadata(step)
   saved = getattr(saved, 'tree', saved)
+  for name, value in (saved.items() if isinstance(saved, dict) else ()):
+    if value is not None and getattr(target, name, 0) is None:
+      return f'.{name} is in the checkpoint, not in the state this config trains'
   pairs = jax.tree_util.tree_flatten_with_path(target)[0]
   for path, want in pairs:
     node = saved
     try:
       for key in path:
         node = node[getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', None)))]
+        if node is None:
+          return f'{jax.tree_util.keystr(path)} is in the state this config trains, not there'
     except (KeyError, IndexError, TypeError):
       return None  # Missing metadata: damage, or another optimiser; the restore tells.
     if tuple(node.shape) != tuple(want.shape):
@@ -128,9 +134,9 @@ def _try_restore(mgr: ocp.CheckpointManager, step: int, target: Any) -> Tuple[An
     return None, _short(e)
   if mismatch:
     raise CheckpointError(
-        f'The checkpoint of step {step} in {mgr.directory} was written with another model '
-        f'or image size: {mismatch}. Rerun with the config of that run (config.json in the '
-        'workdir) or pass a new --workdir.')
+        f'The checkpoint of step {step} in {mgr.directory} was written with another model, '
+        f'image size or config.ema_decay: {mismatch}. Rerun with the config of that run '
+        '(config.json in the workdir) or pass a new --workdir.')
   try:
     return mgr.restore(step, args=ocp.args.StandardRestore(target)), ''
   except Exception as e:  # Orbax and tensorstore raise many types for damaged files.

@@ -85,17 +85,44 @@ def get_config() -> ml_collections.ConfigDict:
   # Base learning rate.
   config.base_lr = 0.03
   # Learning rate decay after warm-up: 'cosine', 'linear' (both official), 'constant',
-  # 'exponential' (times `decay_rate` each step) or 'step' (times `decay_factor` from each of
-  # `decay_milestones`, absolute step numbers).
+  # 'exponential' (times `decay_rate` each step), 'step' (times `decay_factor` from each of
+  # `decay_milestones`, absolute step numbers) or 'reduce_on_plateau' (below).
   config.decay_type = 'cosine'
   config.decay_rate = 0.999
   config.decay_milestones = ()
   config.decay_factor = 0.1
+  # reduce_on_plateau (optax.contrib's): base_lr times a scale that drops by `plateau_factor`
+  # once the evaluation loss (raw parameters on config.pp.test, every `eval_every` steps) has
+  # not beaten its best by rtol * best + atol for `plateau_patience` evaluations, then waits
+  # `plateau_cooldown` evaluations (so eval_every must be >= 1). Evaluations during warm-up do
+  # not count. The scale is in the optimiser state, so checkpoints keep it.
+  config.plateau_factor = 0.1
+  config.plateau_patience = 3
+  config.plateau_cooldown = 0
+  config.plateau_rtol = 1e-4
+  config.plateau_atol = 0.0
   # Layer-wise learning-rate decay as timm's `layer_decay` (ViTs): block i of L learns at
   # layer_decay ** (L - i) times the rate, the embeddings at layer_decay ** (L + 1); 0: off.
   config.layer_decay = 0.0
   # Linear warm-up steps.
   config.warmup_steps = 500
+
+  # ---- Regularisation (timm's names and meanings) -----------------------------------------
+  # Label smoothing s: targets 1 - s + s/classes on the label, s/classes elsewhere.
+  config.label_smoothing = 0.0
+  # Mixup and CutMix on the device, per global batch (before the micro-batch split), each image
+  # with the image at the mirrored batch position: lam ~ Beta(alpha, alpha), 0 turns one off.
+  # CutMix pastes a box of area ~ (1 - lam) and sets lam to the box's exact area. A batch is
+  # mixed with probability `mix_prob`; with both on, CutMix with `mixup_switch_prob`.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  config.mix_prob = 1.0
+  config.mixup_switch_prob = 0.5
+  # Exponential moving average of the parameters (0: off; e.g. 0.9999): ema = d * ema +
+  # (1 - d) * params after each step, from the starting parameters, no warm-up of d, so pick
+  # 1 / (1 - d) well below total_steps. Kept in checkpoints and evaluated beside the raw
+  # parameters (test_ema_* metrics); `python -m vit_jax_ft.evaluate --ema` uses it.
+  config.ema_decay = 0.0
 
   # ---- Model -----------------------------------------------------------------------
   # Official model name (`python -m vit_jax_ft.models` lists them).

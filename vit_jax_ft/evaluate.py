@@ -175,12 +175,14 @@ def evaluation_config(config: ml_collections.ConfigDict, dataset: Optional[str] 
   return config
 
 
-def default_output_dir(workdir: Optional[str], split: str, step: Optional[int]) -> str:
-  """WORKDIR/evaluation/SPLIT_stepN for a workdir; released checkpoints need --output_dir."""
+def default_output_dir(workdir: Optional[str], split: str, step: Optional[int],
+                       ema: bool = False) -> str:
+  """WORKDIR/evaluation/SPLIT_stepN (SPLIT_stepN_ema for the moving average) for a workdir;
+  released checkpoints need --output_dir."""
   if not workdir:
     raise ValueError('Give --output_dir for the results of a --checkpoint evaluation.')
-  return os.path.join(workdir, 'evaluation',
-                      f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_")}_step{step}')
+  name = f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_")}_step{step}'
+  return os.path.join(workdir, 'evaluation', name + ('_ema' if ema else ''))
 
 
 def run_linear_probe(loaded: run_dir.Loaded, config: ml_collections.ConfigDict,
@@ -222,9 +224,11 @@ def main(argv: List[str]) -> None:
   config = evaluation_config(loaded.config, FLAGS.dataset, FLAGS.split, FLAGS.train_split,
                         FLAGS.batch_eval, FLAGS.tfds_data_dir, FLAGS.tfds_manual_dir)
   split, step = config.pp.test, loaded.step or 0
-  output_dir = FLAGS.output_dir or default_output_dir(FLAGS.workdir, split, loaded.step)
+  output_dir = FLAGS.output_dir or default_output_dir(FLAGS.workdir, split, loaded.step,
+                                                      FLAGS.ema)
   about = {'model_name': config.model_name, 'dataset': config.dataset, 'split': split,
-           'workdir': FLAGS.workdir, 'checkpoint': FLAGS.checkpoint, 'step': loaded.step}
+           'workdir': FLAGS.workdir, 'checkpoint': FLAGS.checkpoint, 'step': loaded.step,
+           'ema': FLAGS.ema}
   if FLAGS.linear_probe:
     accuracy = run_linear_probe(loaded, config, [int(s) for s in FLAGS.shots],
                                 FLAGS.l2_reg, FLAGS.seed)
@@ -244,9 +248,9 @@ def main(argv: List[str]) -> None:
   if jax.process_index() == 0:
     report = write_report(output_dir, result, loaded.class_names, timing, about)
     print(format_table(report))
+  prefix = f'evaluate/{split}/' + ('ema_' if FLAGS.ema else '')
   write_scalars(FLAGS.workdir or output_dir, step,
-                {f'evaluate/{split}/{k}': v for k, v in result.summary().items()
-                 if k != 'num_examples'})
+                {prefix + k: v for k, v in result.summary().items() if k != 'num_examples'})
   logging.info('Results written to %s', output_dir)
 
 

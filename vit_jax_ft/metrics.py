@@ -114,14 +114,23 @@ class ClassificationMetrics:
             'loss': self.loss}
 
 
-def evaluate(params: Any, eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
-             mesh: jax.sharding.Mesh, batches: Iterable[Dict[str, np.ndarray]],
-             prefetch: int) -> ClassificationMetrics:
-  """Metrics over every example of a split, each counted once; sums stay on the devices."""
+def evaluate_each(named_params: Dict[str, Any],
+                  eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
+                  mesh: jax.sharding.Mesh, batches: Iterable[Dict[str, np.ndarray]],
+                  prefetch: int) -> Dict[str, ClassificationMetrics]:
+  """Metrics of each parameter set (the raw ones and their moving average) over every
+  example of a split, each counted once, reading the split once; sums stay on the devices."""
   totals = None
   for batch in parallel.prefetch_to_mesh(mesh, batches, prefetch):
-    sums = eval_fn(params, batch)
+    sums = {name: eval_fn(params, batch) for name, params in named_params.items()}
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split is empty.')
-  return ClassificationMetrics.from_sums(totals)
+  return {name: ClassificationMetrics.from_sums(s) for name, s in totals.items()}
+
+
+def evaluate(params: Any, eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
+             mesh: jax.sharding.Mesh, batches: Iterable[Dict[str, np.ndarray]],
+             prefetch: int) -> ClassificationMetrics:
+  """`evaluate_each` of one parameter set."""
+  return evaluate_each({'': params}, eval_fn, mesh, batches, prefetch)['']

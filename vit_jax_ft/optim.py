@@ -1,11 +1,13 @@
 """The paper's optimisation recipe as an optax chain: schedule, clipping, SGD momentum, decoupled
-weight decay, freezing."""
+weight decay, freezing, and the reduce-on-plateau scale."""
 import re
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+import optax.contrib
 from flax import traverse_util
 
 # End value of the official linear decay (`vit_jax/utils.py`).
@@ -37,6 +39,8 @@ def _decay_schedule(config: ml_collections.ConfigDict, steps: int) -> optax.Sche
       'constant': lambda: optax.constant_schedule(base),
       'exponential': exponential_decay,
       'step': step_decay,
+      # The scale `scale_by_plateau` multiplies in lowers it from the evaluation loss.
+      'reduce_on_plateau': lambda: optax.constant_schedule(base),
   }
   if config.decay_type not in decays:
     raise ValueError(f'decay_type={config.decay_type!r}; allowed: {sorted(decays)}.')
@@ -95,6 +99,63 @@ def scale_by_layer_decay(rate: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def plateau_transform(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """optax.contrib's reduce-on-plateau with the `plateau_*` keys, checked by name."""
+  checks = {
+      'plateau_factor': (0 < config.plateau_factor < 1, 'in (0, 1)'),
+      'plateau_patience': (isinstance(config.plateau_patience, int)
+                           and config.plateau_patience >= 1, 'an integer >= 1'),
+      'plateau_cooldown': (isinstance(config.plateau_cooldown, int)
+                           and config.plateau_cooldown >= 0, 'an integer >= 0'),
+      'plateau_rtol': (0 <= config.plateau_rtol <= 1, 'in [0, 1]'),
+      'plateau_atol': (config.plateau_atol >= 0, '>= 0'),
+      'eval_every': (config.eval_every >= 1, 'an integer >= 1 with reduce_on_plateau, which '
+                     'reads the loss of each evaluation'),
+  }
+  for key, (valid, allowed) in checks.items():
+    if not valid:
+      raise ValueError(f'config.{key}={config[key]!r}; allowed: {allowed}.')
+  if not config.plateau_rtol and not config.plateau_atol:
+    raise ValueError('config.plateau_rtol and config.plateau_atol are both 0; make one '
+                     'positive (an improvement must beat the best loss by a margin).')
+  return optax.contrib.reduce_on_plateau(
+      factor=config.plateau_factor, patience=config.plateau_patience,
+      rtol=config.plateau_rtol, atol=config.plateau_atol, cooldown=config.plateau_cooldown)
+
+
+def scale_by_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Multiplies the updates by the reduce-on-plateau scale of its state, which only
+  `plateau_step` changes: the evaluation loss is known at evaluations, not at every step."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: (state.scale * u).astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(plateau_transform(config).init, update)
+
+
+def _is_plateau(node: Any) -> bool:
+  return isinstance(node, optax.contrib.ReduceLROnPlateauState)
+
+
+def plateau_step(config: ml_collections.ConfigDict) -> Callable[[Any, Any], Any]:
+  """(opt_state, evaluation loss) -> opt_state with its plateau state moved by optax's rule:
+  one evaluation counts as one epoch of `plateau_patience` and `plateau_cooldown`."""
+  transform = plateau_transform(config)
+
+  def step(opt_state, loss):
+    return jax.tree.map(
+        lambda s: transform.update({}, s, value=loss)[1] if _is_plateau(s) else s,
+        opt_state, is_leaf=_is_plateau)
+  return step
+
+
+def plateau_scale(opt_state: Any) -> float:
+  """The reduce-on-plateau scale of the learning rate in `opt_state` (1 without one)."""
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_plateau) if _is_plateau(s)]
+  return float(jnp.asarray(states[0].scale)) if states else 1.0
+
+
 def _scale_by_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The gradient statistics of `config.optimizer`, before weight decay and learning rate."""
   optimizers = {
@@ -136,6 +197,8 @@ def _base_optimizer(config: ml_collections.ConfigDict,
     parts.append(optax.add_decayed_weights(config.weight_decay,
                                            decayed_mask(config.weight_decay_params)))
   parts.append(optax.scale_by_learning_rate(lr))
+  if config.decay_type == 'reduce_on_plateau':
+    parts.append(scale_by_plateau(config))
   return optax.chain(*parts)
 
 

@@ -69,13 +69,17 @@ def load_released(path: str, model_name: str, image_size: int,
 def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
                checkpoint_path: Optional[str] = None, model_name: Optional[str] = None,
                image_size: int = 384, class_names_file: Optional[str] = None,
-               with_head: bool = True) -> run_dir.Loaded:
-  """A fine-tuned workdir's checkpoint, or a released checkpoint and its model name."""
+               with_head: bool = True, ema: bool = False) -> run_dir.Loaded:
+  """A fine-tuned workdir's checkpoint (its parameters' moving average with `ema`), or a
+  released checkpoint and its model name."""
   if bool(workdir) == bool(checkpoint_path):
     raise ValueError('Give either --workdir (a training run) or --checkpoint with '
                      '--model_name (a released .npz), not both or neither.')
+  if ema and not workdir:
+    raise ValueError('--ema reads the moving average a --workdir run kept '
+                     '(config.ema_decay); a released --checkpoint has none.')
   if workdir:
-    loaded = run_dir.load(workdir, step)
+    loaded = run_dir.load(workdir, step, ema)
     if not with_head:
       loaded.model = loaded.model.clone(num_classes=0)
       loaded.params = {k: v for k, v in loaded.params.items() if k != 'head'}
@@ -155,6 +159,8 @@ def define_model_flags() -> None:
   flags.DEFINE_integer('image_size', 384, 'Input resolution for --checkpoint.')
   flags.DEFINE_string('class_names', None, 'Text file, one class name per line, for '
                       '--checkpoint (default: ImageNet synset ids for 1000 classes).')
+  flags.DEFINE_bool('ema', False, 'Use the moving average of the parameters that a --workdir '
+                    'run with config.ema_decay kept, instead of the parameters.')
 
 
 def define_flags() -> None:
@@ -168,7 +174,7 @@ def define_flags() -> None:
 def model_from_flags(with_head: bool = True) -> run_dir.Loaded:
   """`load_model` with the values of `define_model_flags`."""
   return load_model(FLAGS.workdir, FLAGS.step, FLAGS.checkpoint, FLAGS.model_name,
-                    FLAGS.image_size, FLAGS.class_names, with_head)
+                    FLAGS.image_size, FLAGS.class_names, with_head, FLAGS.ema)
 
 
 def main(argv: List[str]) -> None:

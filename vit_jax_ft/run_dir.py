@@ -99,15 +99,23 @@ def checkpoint_steps(workdir: str) -> List[int]:
                 ocp.utils.is_checkpoint_finalized(os.path.join(directory, name)))
 
 
-def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -> Any:
-  """The parameters of checkpoint `step`, replicated over this machine's devices; every
-  name and shape must be the model's."""
+def restore_params(workdir: str, step: int, model: nn.Module, image_size: int,
+                   ema: bool = False) -> Any:
+  """The parameters of checkpoint `step` (or their moving average), replicated over this
+  machine's devices; every name and shape must be the model's."""
   path = os.path.join(checkpoint_dir(workdir), str(step), _ORBAX_ITEM)
   shapes = models.abstract_variables(model, image_size)['params']
+  item = 'ema_params' if ema else 'params'
   try:
-    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree['params']
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   except (ValueError, KeyError, OSError) as e:
     raise _unreadable(workdir, step, e) from e
+  stored = stored.get(item)
+  if stored is None and ema:
+    raise ValueError(f'Checkpoint {step} of {workdir} has no moving average of the '
+                     'parameters: the run had config.ema_decay=0. Drop --ema.')
+  if stored is None:
+    raise _unreadable(workdir, step, KeyError(item))
   have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(stored, sep='/').items()}
   want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
   if have != want:
@@ -118,7 +126,7 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -
         '(name, checkpoint shape, model shape). Was config.json edited or the model '
         'registry changed since training?')
   sharding = parallel.replicated(parallel.create_mesh())
-  target = {'params': jax.tree.map(
+  target = {item: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
   try:
     restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
@@ -126,7 +134,7 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -
         partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except; orbax raises bare Exception for bad data.
     raise _unreadable(workdir, step, e) from e
-  return restored['params']
+  return restored[item]
 
 
 def _unreadable(workdir: str, step: int, error: Exception) -> ValueError:
@@ -134,9 +142,9 @@ def _unreadable(workdir: str, step: int, error: Exception) -> ValueError:
                     f'{error}); choose another --step (complete: {checkpoint_steps(workdir)}).')
 
 
-def load(workdir: str, step: Optional[int] = None) -> Loaded:
-  """Config, model, parameters (on this machine's devices), classes and step of a workdir
-  checkpoint (the latest by default)."""
+def load(workdir: str, step: Optional[int] = None, ema: bool = False) -> Loaded:
+  """Config, model, parameters (their moving average with `ema`; on this machine's devices),
+  classes and step of a workdir checkpoint (the latest by default)."""
   raw = _read_json(workdir, CONFIG_FILE)
   spec = raw.pop(MODEL_SPEC_KEY, None)
   config = ml_collections.ConfigDict(raw)
@@ -152,5 +160,5 @@ def load(workdir: str, step: Optional[int] = None) -> Loaded:
     model = build_model(config, len(class_names))
   else:
     model = model_from_spec(spec)
-  return Loaded(config, model, restore_params(workdir, step, model, config.pp.crop),
+  return Loaded(config, model, restore_params(workdir, step, model, config.pp.crop, ema),
                 class_names, step)

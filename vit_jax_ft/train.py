@@ -25,8 +25,8 @@ from flax import struct
 from tensorflow.io import gfile
 
 from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, memory,
-                        models, optim, parallel, run_dir)
-from vit_jax_ft.metrics import eval_step, evaluate
+                        models, optim, parallel, recipe, run_dir)
+from vit_jax_ft.metrics import eval_step, evaluate_each
 from vit_jax_ft.pretrained import pretrained_path
 from vit_jax_ft.run_dir import build_model
 
@@ -35,11 +35,13 @@ Metrics = Dict[str, jax.Array]
 
 
 class TrainState(struct.PyTreeNode):
-  """What a checkpoint holds: the step, parameters and optimiser state."""
+  """What a checkpoint holds: the step, parameters and optimiser state (with the
+  reduce-on-plateau state), and the parameters' moving average when `config.ema_decay` is set."""
 
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,10 +62,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
     params = checkpoint.load_pretrained(path, params)
   else:
     logging.warning('No pretrained checkpoint: training %s from scratch.', config.model_name)
+  # The average starts at the first parameters, in buffers of its own (the state is donated).
+  ema_params = parallel.replicate(mesh, params) if config.ema_decay else None
   params = parallel.replicate(mesh, params)
   opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
   step = parallel.replicate(mesh, jnp.zeros((), jnp.int32))
-  return TrainState(step=step, params=params, opt_state=opt_state)
+  return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema_params)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -72,7 +76,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   """Shapes, dtypes and shardings of the train state, to restore a checkpoint into."""
   params = models.abstract_variables(model, config.pp.crop)['params']
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     opt_state=jax.eval_shape(tx.init, params))
+                     opt_state=jax.eval_shape(tx.init, params),
+                     ema_params=params if config.ema_decay else None)
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       state)
@@ -80,14 +85,18 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: Optional[jax.Array],
                            normaliser: Any) -> jax.Array:
-  """sum(weight * cross-entropy) / normaliser, so micro-batches add up to the batch mean."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  """sum(weight * cross-entropy) / normaliser, so micro-batches add up to the batch mean;
+  `labels` are integers or (batch, classes) targets (`recipe.soft_targets`)."""
+  logits = logits.astype(jnp.float32)
+  losses = (optax.softmax_cross_entropy(logits, labels) if labels.ndim == 2 else
+            optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   return jnp.sum(losses if weights is None else weights * losses) / normaliser
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, accum_steps: int,
-               dropout_rng: jax.Array, frozen: Optional[Any] = None
+               dropout_rng: jax.Array, frozen: Optional[Any] = None,
+               step_recipe: recipe.StepRecipe = recipe.StepRecipe()
                ) -> Tuple[TrainState, Metrics]:
   """One update on a global batch, its gradient accumulated over `accum_steps` micro-batches.
 
@@ -95,13 +104,22 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   starts the sums and a `lax.fori_loop` adds the rest (as the official code does), so no
   zero-initialised gradient tree is kept and added. `frozen` (a tree of bools like the params)
   stops gradients at frozen parameters, so XLA skips their backward pass and `grad_norm`
-  covers only what is trained.
+  covers only what is trained. `step_recipe` smooths and mixes the global batch's targets
+  before the split (`recipe`), and updates `ema_params` when the state has them.
   """
   weights = batch.get('weight')
   # Without weights the normaliser is the static batch size: no reduction, no weight multiply.
   normaliser = batch['label'].shape[0] if weights is None else jnp.sum(weights)
   rng = jax.random.fold_in(dropout_rng, state.step)
   params = state.params
+  images, labels = batch['image'], batch['label']
+  if step_recipe.soft_targets:  # The weights go into the targets (the normaliser stays).
+    labels = recipe.soft_targets(labels, model.num_classes, step_recipe.label_smoothing,
+                                 weights)
+    weights = None
+    if step_recipe.mixes:
+      images, labels = recipe.mix_batch(jax.random.fold_in(rng, recipe.MIX_STREAM),
+                                        step_recipe, images, labels)
 
   def loss_fn(params, images, labels, w, index):
     if frozen is not None:  # Inside the differentiated function, or it would stop nothing.
@@ -111,7 +129,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     return weighted_cross_entropy(logits, labels, w, normaliser)
 
   grad_fn = jax.value_and_grad(loss_fn)
-  inputs = {'image': batch['image'], 'label': batch['label'], 'weight': weights}
+  inputs = {'image': images, 'label': labels, 'weight': weights}
   if accum_steps == 1:
     loss, grads = grad_fn(params, inputs['image'], inputs['label'], weights, 0)
   else:
@@ -130,17 +148,23 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     loss, grads = jax.lax.fori_loop(1, accum_steps, accumulate, grads_of(0))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = recipe.ema_update(ema_params, new_params, step_recipe.ema_decay)
+  new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                            ema_params=ema_params)
   return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
                      'param_norm': optax.global_norm(new_params)}
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *, accum_steps: int,
-                   seed: int, frozen: Optional[Any] = None):
+                   seed: int, frozen: Optional[Any] = None,
+                   step_recipe: recipe.StepRecipe = recipe.StepRecipe()):
   """`train_step` jitted with its accumulation and the dropout seed; the state is donated."""
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
   return jax.jit(functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps,
-                                   dropout_rng=dropout_rng, frozen=frozen),
+                                   dropout_rng=dropout_rng, frozen=frozen,
+                                   step_recipe=step_recipe),
                  donate_argnums=0)
 
 
@@ -160,7 +184,7 @@ def fit_in_memory(config: ml_collections.ConfigDict, base: nn.Module,
 
   def compile_step(accum_steps, remat):
     step = jit_train_step(model_with(remat), tx, accum_steps=accum_steps, seed=config.seed,
-                          frozen=frozen)
+                          frozen=frozen, step_recipe=recipe.from_config(config))
     return step.lower(state, batch).compile()
   accum_steps, remat = memory.fit_accum_steps(config, compile_step)
   return accum_steps, model_with(remat)
@@ -257,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   mesh = parallel.create_mesh()
   memory.check_accum_steps(config)
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
+  step_recipe = recipe.from_config(config)
   info = data.get_dataset_info(config)
   model = build_model(config, info.num_classes)
   if 'batch_stats' in models.abstract_variables(model, config.pp.crop):
@@ -269,6 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   write_run_files(config, workdir, info, model)
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate_schedule(config)
+  plateau = config.decay_type == 'reduce_on_plateau'
+  if plateau:
+    plateau_fn = jax.jit(optim.plateau_step(config), out_shardings=parallel.replicated(mesh),
+                         donate_argnums=0)
 
   manager = checkpointing.manager(workdir, config)
   target = abstract_train_state(config, model, tx, mesh)
@@ -286,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if config.auto_accum_steps:
     accum_steps, step_model = fit_in_memory(config, model, tx, mesh, frozen)
   step_fn = jit_train_step(step_model, tx, accum_steps=accum_steps, seed=config.seed,
-                           frozen=frozen)
+                           frozen=frozen, step_recipe=step_recipe)
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -297,17 +326,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                              every_steps=config.progress_every or None)
 
   def run_eval(step):
+    """Test metrics of the parameters, and of their average as `ema_*` when kept."""
     nonlocal info
+    named = {'': state.params}
+    if state.ema_params is not None:
+      named['ema_'] = state.ema_params
     eval_data = data.get_eval_data(config)
     with progress.timed('eval'):
-      result = evaluate(state.params, eval_fn, mesh, eval_data, config.prefetch)
+      results = evaluate_each(named, eval_fn, mesh, eval_data, config.prefetch)
     info = data.record_decode_failures(info, eval_data.failures, False, workdir)
-    metrics = {'accuracy_top1': result.top1, 'accuracy_top5': result.top5,
-               'loss': result.loss, 'num_examples': result.num_examples}
+    metrics = {}
+    for prefix, result in results.items():
+      metrics.update({f'{prefix}accuracy_top1': result.top1,
+                      f'{prefix}accuracy_top5': result.top5, f'{prefix}loss': result.loss})
+    metrics['num_examples'] = results[''].num_examples
     writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
-    logging.info('Step %d: test top-1 %.4f, top-5 %.4f on %d examples', step,
-                 metrics['accuracy_top1'], metrics['accuracy_top5'], metrics['num_examples'])
+    ema = (f'; EMA top-1 {metrics["ema_accuracy_top1"]:.4f}, top-5 '
+           f'{metrics["ema_accuracy_top5"]:.4f}' if state.ema_params is not None else '')
+    logging.info('Step %d: test top-1 %.4f, top-5 %.4f on %d examples%s', step,
+                 metrics['accuracy_top1'], metrics['accuracy_top5'], metrics['num_examples'],
+                 ema)
     return metrics
+
+  def eval_and_plateau(step):
+    """`run_eval`, then the plateau's move on its loss (after warm-up only)."""
+    nonlocal state
+    metrics = run_eval(step)
+    if plateau and step > config.warmup_steps:
+      state = state.replace(opt_state=plateau_fn(state.opt_state, metrics['loss']))
+    return metrics
+
+  def is_eval_step(step):
+    return step == config.total_steps or bool(config.eval_every and step % config.eval_every == 0)
 
   try:
     if start >= config.total_steps:
@@ -318,6 +368,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     batches = parallel.prefetch_to_mesh(mesh, train_data, config.prefetch)
     unchecked, first_unchecked, last_saved = [], start + 1, start or None
     metrics = {}
+    if plateau and start and is_eval_step(start):
+      # A checkpoint holds the state before its step's evaluation moved the plateau (the
+      # save comes first; a preempted run skips that evaluation): evaluate again, as then.
+      eval_and_plateau(start)
     log_start(config, state, info, start, workdir)
     bar = logs.Progress(start, config.total_steps, show_bar=None if jax.process_index() == 0
                         else False)
@@ -344,7 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           scalars = jax.device_get(step_metrics)
           writer.write_scalars(step, {
               'train_loss': scalars['loss'], 'grad_norm': scalars['grad_norm'],
-              'learning_rate': lr_fn(step - 1), 'images_per_sec': images_per_sec,
+              'learning_rate': lr_fn(step - 1) * optim.plateau_scale(state.opt_state),
+              'images_per_sec': images_per_sec,
               'images_per_sec_per_device': images_per_sec / jax.device_count()})
           logging.info('Step %d/%d: loss %.4f, %.1f images/s, ETA %s', step,
                        config.total_steps, scalars['loss'], images_per_sec, bar.eta(step))
@@ -355,8 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if stop and not last:
           raise Preempted(f'Saved the checkpoint of step {step} after SIGTERM; rerun the same '
                           'command to resume.')
-        if last or (config.eval_every and step % config.eval_every == 0):
-          metrics = run_eval(step)
+        if is_eval_step(step):
+          metrics = eval_and_plateau(step)
     bar.close()
     logging.info('Done: %d steps in %s; test top-1 %.4f, top-5 %.4f. Next: python -m '
                  'vit_jax_ft.evaluate --workdir=%s', config.total_steps - start,
