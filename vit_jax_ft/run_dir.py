@@ -38,6 +38,13 @@ class Loaded:
   params: Any
   class_names: List[str]
   step: Optional[int] = None  # Training step of a workdir checkpoint.
+  batch_stats: Any = None  # BatchNorm statistics; None for models without BatchNorm.
+
+  @property
+  def variables(self) -> Dict[str, Any]:
+    """What the model is applied with: the params, and the BatchNorm statistics if any."""
+    return {'params': self.params, **({'batch_stats': self.batch_stats}
+                                      if self.batch_stats else {})}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -99,13 +106,25 @@ def checkpoint_steps(workdir: str) -> List[int]:
                 ocp.utils.is_checkpoint_finalized(os.path.join(directory, name)))
 
 
-def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -> Any:
-  """The parameters of checkpoint `step`, replicated over this machine's devices; every
-  name and shape must be the model's."""
+# The Flax collections inference applies a model with; the others (intermediates) are outputs.
+INFERENCE_COLLECTIONS = ('params', 'batch_stats')
+
+
+def inference_shapes(model: nn.Module, image_size: int) -> Dict[str, Any]:
+  """Shapes and dtypes of the model's `INFERENCE_COLLECTIONS` at `image_size`."""
+  shapes = models.abstract_variables(model, image_size)
+  return {k: shapes[k] for k in INFERENCE_COLLECTIONS if k in shapes}
+
+
+def restore_variables(workdir: str, step: int, model: nn.Module, image_size: int
+                      ) -> Dict[str, Any]:
+  """The params (and BatchNorm statistics) of checkpoint `step`, replicated over this
+  machine's devices; every name and shape must be the model's."""
   path = os.path.join(checkpoint_dir(workdir), str(step), _ORBAX_ITEM)
-  shapes = models.abstract_variables(model, image_size)['params']
+  shapes = inference_shapes(model, image_size)
   try:
-    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree['params']
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+    stored = {k: stored[k] for k in shapes}
   except (ValueError, KeyError, OSError) as e:
     raise _unreadable(workdir, step, e) from e
   have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(stored, sep='/').items()}
@@ -118,15 +137,14 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int) -
         '(name, checkpoint shape, model shape). Was config.json edited or the model '
         'registry changed since training?')
   sharding = parallel.replicated(parallel.create_mesh())
-  target = {'params': jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes)
   try:
-    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except; orbax raises bare Exception for bad data.
     raise _unreadable(workdir, step, e) from e
-  return restored['params']
 
 
 def _unreadable(workdir: str, step: int, error: Exception) -> ValueError:
@@ -152,5 +170,6 @@ def load(workdir: str, step: Optional[int] = None) -> Loaded:
     model = build_model(config, len(class_names))
   else:
     model = model_from_spec(spec)
-  return Loaded(config, model, restore_params(workdir, step, model, config.pp.crop),
-                class_names, step)
+  variables = restore_variables(workdir, step, model, config.pp.crop)
+  return Loaded(config, model, variables['params'], class_names, step,
+                variables.get('batch_stats'))
