@@ -169,8 +169,8 @@ def define_model_flags() -> None:
   """Flags that choose the model: shared by predict, evaluate and explain."""
   flags.DEFINE_string('workdir', None, 'Training workdir of `python -m vit_jax_ft.main`.')
   flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: the latest).')
-  flags.DEFINE_string('checkpoint', None, 'A released .npz (path, URL or a name already '
-                      'fetched with `python -m vit_jax_ft.hub fetch`), instead of --workdir.')
+  flags.DEFINE_string('checkpoint', None, 'A released .npz or timm .safetensors (path, URL or '
+                      'a name fetched with `python -m vit_jax_ft.hub fetch`), not --workdir.')
   flags.DEFINE_string('model_name', None, 'Official model name of --checkpoint (ViT-B_16).')
   flags.DEFINE_integer('image_size', 384, 'Input resolution for --checkpoint.')
   flags.DEFINE_string('class_names', None, 'Text file, one class name per line, for '

@@ -116,6 +116,13 @@ def inference_shapes(model: nn.Module, image_size: int) -> Dict[str, Any]:
   return {k: shapes[k] for k in INFERENCE_COLLECTIONS if k in shapes}
 
 
+def _shapes_by_name(variables: Dict[str, Any]) -> Dict[str, tuple]:
+  """'{name}': shape for params, '{collection}:{name}' for the other collections."""
+  return {('' if collection == 'params' else f'{collection}:') + k: tuple(v.shape)
+          for collection, tree in variables.items()
+          for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
 def restore_variables(workdir: str, step: int, model: nn.Module, image_size: int
                       ) -> Dict[str, Any]:
   """The params (and BatchNorm statistics) of checkpoint `step`, replicated over this
@@ -127,8 +134,7 @@ def restore_variables(workdir: str, step: int, model: nn.Module, image_size: int
     stored = {k: stored[k] for k in shapes}
   except (ValueError, KeyError, OSError) as e:
     raise _unreadable(workdir, step, e) from e
-  have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(stored, sep='/').items()}
-  want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
+  have, want = _shapes_by_name(stored), _shapes_by_name(shapes)
   if have != want:
     differ = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
     raise ValueError(
