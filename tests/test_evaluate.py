@@ -45,8 +45,8 @@ def test_evaluate_model_counts_every_real_example_once(tiny_model):
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (21, 16, 16, 3)).astype(np.float32)
   labels = rng.integers(0, 4, 21)
-  result, timing = evaluate.evaluate_model(model, params, padded_batches(images, labels, 8),
-                                           timing_repeats=2)
+  result, timing = evaluate.evaluate_model(model, {'params': params},
+                                           padded_batches(images, labels, 8), timing_repeats=2)
   logits = np.asarray(model.apply({'params': params}, images, train=False))
   predictions = logits.argmax(-1)
   assert result.num_examples == 21
@@ -154,13 +154,13 @@ def test_few_shot_choice_and_accuracy():
 def test_features_of_the_real_examples_only(tiny_model):
   model, params = tiny_model
   with pytest.raises(ValueError, match='num_classes=0'):
-    linear_probe.extract_features(model, params, [])
+    linear_probe.extract_features(model, {'params': params}, [])
   headless = model.clone(num_classes=0)
   trunk = {k: v for k, v in params.items() if k != 'head'}
   images = np.random.default_rng(2).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
   labels = np.arange(5) % 4
   features, got_labels = linear_probe.extract_features(
-      headless, trunk, padded_batches(images, labels, 4))
+      headless, {'params': trunk}, padded_batches(images, labels, 4))
   np.testing.assert_array_equal(got_labels, labels)
   expected = headless.apply({'params': trunk}, images, train=False)
   np.testing.assert_allclose(features, expected, atol=1e-5)
@@ -270,7 +270,7 @@ def test_workdir_evaluation_agrees_with_the_training_loop(trained_workdir):
   assert loaded.step == 2 and loaded.class_names == ['airplane', 'automobile', 'bird']
   paths = sorted(str(p) for p in (root / 'test').glob('*/*.png'))
   probabilities = predict.predict_probabilities(
-      loaded.model, loaded.params, predict.load_images(paths, loaded.config))
+      loaded.model, loaded.variables, predict.load_images(paths, loaded.config))
   labels = [loaded.class_names.index(os.path.basename(os.path.dirname(p))) for p in paths]
   assert np.mean(probabilities.argmax(-1) == labels) == pytest.approx(saved['top1'])
   series = curves.read_scalars(workdir, 'top1')

@@ -155,7 +155,7 @@ def test_filter_components_recover_the_directions_of_largest_variance(tmp_path):
 def test_vit_gradcam_gradient_matches_finite_differences(tmp_path):
   model = get_model('testing', 3, **TINY_VIT, num_layers=1, dropout_rate=0.0)
   params, x = init(model), images()
-  activation, gradient, logits = gradcam.activation_and_gradient(model, params, x)
+  activation, gradient, logits = gradcam.activation_and_gradient(model, {'params': params}, x)
   assert activation.shape == gradient.shape == (2, 4, 4, 16)
   chosen = logits.argmax(-1)
   # With one block its input is patch embedding + position embedding; along an
@@ -182,7 +182,8 @@ def test_vit_gradcam_gradient_matches_finite_differences(tmp_path):
 
 def test_hybrid_gradcam_is_on_the_token_grid():
   model = get_model('testing', 3, **TINY_HYBRID, num_layers=2)
-  cams = gradcam.gradcam(model, init(model), images(), class_index=np.array([0, 2]))
+  cams = gradcam.gradcam(model, {'params': init(model)}, images(),
+                         class_index=np.array([0, 2]))
   assert cams.shape == (2, 4, 4) and cams.min() >= 0 and cams.max() <= 1
 
 
@@ -190,7 +191,7 @@ def test_bit_gradcam_activation_and_gradient_are_the_last_stage_and_its_head():
   model = get_model('BiT-S-R50x1', 3, block_sizes=(1,))
   params, x = init(model), images()
   activation, gradient, logits = gradcam.activation_and_gradient(
-      model, params, x, class_index=np.array([1, 2]))
+      model, {'params': params}, x, class_index=np.array([1, 2]))
   assert activation.shape == (2, 8, 8, 256)  # 32 px / 4; 4 x 64 channels.
   _, state = jax.jit(lambda p, x: model.apply(
       {'params': p}, x, capture_intermediates=True, mutable=['intermediates']))(params, x)
@@ -210,7 +211,7 @@ def test_bit_gradcam_activation_and_gradient_are_the_last_stage_and_its_head():
 def test_gradcam_needs_a_head():
   model = get_model('testing', 0, **TINY_VIT)
   with pytest.raises(ValueError, match='num_classes'):
-    gradcam.gradcam(model, init(model), images())
+    gradcam.gradcam(model, {'params': init(model)}, images())
 
 
 def test_training_curves_read_back_what_clu_wrote(tmp_path):

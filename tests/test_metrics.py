@@ -82,7 +82,7 @@ def test_eval_step_sums_only_real_examples_on_the_device_mesh():
   batch = {'image': images, 'label': labels, 'mask': mask}
   mesh = parallel.create_mesh()
   eval_fn = jax.jit(functools.partial(metrics.eval_step, model=model))
-  result = metrics.evaluate(parallel.replicate(mesh, params), eval_fn, mesh, [batch, batch], 2)
+  result = metrics.evaluate(parallel.replicate(mesh, {'params': params}), eval_fn, mesh, [batch, batch], 2)
   logits = np.asarray(model.apply({'params': params}, images))
   order = np.argsort(-logits, axis=1)
   real = mask > 0
@@ -91,7 +91,7 @@ def test_eval_step_sums_only_real_examples_on_the_device_mesh():
       labels[real], order[real, 0], labels=range(7)))
   assert result.correct_top5 == 2 * np.sum(np.any(order[:, :5] == labels[:, None], 1)[real])
   with pytest.raises(ValueError, match='empty'):
-    metrics.evaluate(params, eval_fn, mesh, [], 2)
+    metrics.evaluate({'params': params}, eval_fn, mesh, [], 2)
 
 
 def test_labels_outside_the_head_are_an_error():

@@ -57,7 +57,7 @@ def test_released_checkpoint_on_written_images_matches_numpy(released, tmp_path)
   assert loaded.model.representation_size == 6 and loaded.class_names == ['0', '1', '2']
   images = predict.load_images(paths, loaded.config)
   np.testing.assert_allclose(images, pixels / 127.5 - 1, atol=1e-6)
-  probabilities = predict.predict_probabilities(loaded.model, loaded.params, images, 2)
+  probabilities = predict.predict_probabilities(loaded.model, loaded.variables, images, 2)
   np.testing.assert_allclose(probabilities, expected_probabilities(params, pixels),
                              atol=1e-5)
 
@@ -87,7 +87,7 @@ def test_real_cifar_photos_with_names_and_both_formats(released, tmp_path, share
   loaded = predict.load_model(checkpoint_path=path, model_name='testing', image_size=32,
                               class_names_file=str(names_file))
   probabilities = predict.predict_probabilities(
-      loaded.model, loaded.params, predict.load_images(paths, loaded.config))
+      loaded.model, loaded.variables, predict.load_images(paths, loaded.config))
   expected = expected_probabilities(params, pixels.astype(np.float64))
   np.testing.assert_allclose(probabilities, expected, atol=1e-5)
   top = predict.top_k(probabilities, loaded.class_names, 2)
@@ -102,7 +102,7 @@ def test_real_cifar_photos_with_names_and_both_formats(released, tmp_path, share
   assert text.splitlines()[0] == paths[0] and top[0][0]['label'] in text.splitlines()[1]
   # JPEG files: compared with PIL's decoding of the same files (decoders may differ by 1).
   jpeg_probabilities = predict.predict_probabilities(
-      loaded.model, loaded.params, predict.load_images(jpegs, loaded.config))
+      loaded.model, loaded.variables, predict.load_images(jpegs, loaded.config))
   decoded = np.stack([np.asarray(Image.open(p).convert('RGB'), np.float64) for p in jpegs])
   np.testing.assert_allclose(jpeg_probabilities, expected_probabilities(params, decoded),
                              atol=2e-2)
@@ -117,7 +117,7 @@ def test_position_embeddings_follow_the_requested_resolution(released, tmp_path)
       'pos_embedding'][0, 0])  # The class token's embedding is kept as it is.
   pixels = np.random.default_rng(4).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
   images = predict.load_images(write_images(tmp_path, pixels), loaded.config)
-  probabilities = predict.predict_probabilities(loaded.model, loaded.params, images)
+  probabilities = predict.predict_probabilities(loaded.model, loaded.variables, images)
   adapted = dict(params, Transformer=dict(params['Transformer'],
                                           posembed_input={'pos_embedding': pos}))
   np.testing.assert_allclose(probabilities, expected_probabilities(adapted, pixels),

@@ -36,9 +36,10 @@ from vit_jax_ft.models import davit, maxvit, mixer, nat, resnet_v1, swin
 
 Params = Dict[str, Any]
 
-# The task-specific layers a fine-tuning run starts afresh: the classifier and its hidden layers;
-# not the norm and pre-logits inside timm's head (MaxViT's), which timm keeps on a new head.
-_HEAD = re.compile(r'^head(_hidden_\d+)?/(?!norm/|pre_logits/)')
+# The task-specific layers a fine-tuning run starts afresh: the classifier and its hidden layers
+# (ResNet v1's classifier is timm's `fc`); not the norm and pre-logits inside timm's head
+# (MaxViT's), which timm keeps on a new head.
+_HEAD = re.compile(r'^(head(_hidden_\d+)?|fc)/(?!norm/|pre_logits/)')
 
 # Linen name -> pre-Linen name inside each `encoderblock_N`.
 _LINEN_TO_PRE_LINEN = {
@@ -348,6 +349,25 @@ def _resize_bias_table(key: str, table: np.ndarray, shape: Tuple[int, ...]) -> n
 def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
   """Loads `path` for fine-tuning a model whose fresh params are `init_params` (see `adapt`)."""
   return adapt(load(path), init_params, source=path)
+
+
+def load_pretrained_variables(path: str, init_variables: Mapping[str, Params]
+                              ) -> Dict[str, Params]:
+  """`load_pretrained` for every collection of `init_variables` (`'params'`, and
+  `'batch_stats'` for BatchNorm models): the head starts afresh, the statistics are the file's."""
+  return adapt_variables(load_variables(path), init_variables, source=path)
+
+
+def adapt_variables(loaded: Mapping[str, Params], init_variables: Mapping[str, Params], *,
+                    source: str = 'the checkpoint', keep_head: bool = False
+                    ) -> Dict[str, Params]:
+  """`adapt` for each collection; the file and the model must have the same collections."""
+  if sorted(loaded) != sorted(init_variables):
+    raise CheckpointError(
+        f'{source} holds the collections {sorted(loaded)} but the model has '
+        f'{sorted(init_variables)}; is it a checkpoint for another model family?')
+  return {name: adapt(loaded[name], init, source=source, keep_head=keep_head)
+          for name, init in init_variables.items()}
 
 
 def adapt(restored_tree: Mapping[str, Any], init_params: Mapping[str, Any], *,

@@ -134,6 +134,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameters to freeze: regexes on '/'-joined names ('Transformer/encoderblock_[0-5]/'), or
   # 'backbone' to train only the head (`--config.freeze=backbone`).
   config.freeze = ()
+  # BatchNorm statistics of models that have them (ResNet v1; others ignore the key): 'train'
+  # normalises with each batch's statistics, synchronised over the devices (the global batch,
+  # or global micro-batch with accumulation), and updates the running ones, as timm and
+  # torchvision fine-tune; 'frozen' normalises with the pretrained statistics and keeps them,
+  # for micro-batches too small for stable statistics (under ~16 images) or head-only training.
+  config.batch_norm = 'train'
 
   # ---- Preprocessing -------------------------------------------------------------------
   config.pp = ml_collections.ConfigDict()

@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import re
-import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -34,44 +33,20 @@ from tensorflow.io import gfile
 from vit_jax_ft import (data, defaults, linear_probe, logs, memory, metrics, parallel, predict,
                         run_dir)
 from vit_jax_ft.explain import figures
-from vit_jax_ft.metrics import ClassificationMetrics, f1_scores
+from vit_jax_ft.metrics import ClassificationMetrics, Timing, f1_scores, time_inference
 
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass
-class Timing:
-  """Time of the evaluation step on one global batch after compilation and a warm-up run."""
-
-  batch_size: int
-  seconds_per_batch: float  # Median over `repeats` runs.
-  repeats: int
-
-  @property
-  def seconds_per_image(self) -> float:
-    return self.seconds_per_batch / self.batch_size
-
-
-def time_inference(step_fn, params: Any, batch: Dict[str, jax.Array],
-                   repeats: int) -> Timing:
-  """Median wall time of `step_fn` on `batch`, excluding compilation and warm-up."""
-  jax.block_until_ready(step_fn(params, batch))
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step_fn(params, batch))
-    seconds.append(time.perf_counter() - start)
-  return Timing(len(batch['image']), float(np.median(seconds)), repeats)
-
-
-def evaluate_model(model: nn.Module, params: Any, batches: Iterable[Dict[str, np.ndarray]],
+def evaluate_model(model: nn.Module, variables: Any, batches: Iterable[Dict[str, np.ndarray]],
                    timing_repeats: int = 5, prefetch: int = 2
                    ) -> Tuple[ClassificationMetrics, Optional[Timing]]:
   """Metrics over every real example of padded `batches` (the training loop's evaluation
   step and sums), and the time of that step on the first batch.
 
   Batches are this host's parts of global batches (as `data.get_eval_data` yields them);
-  parameters are replicated and batches split over all devices.
+  `variables` (as `run_dir.Loaded.variables`) are replicated and batches split over all
+  devices.
   """
   batches = iter(batches)
   first = next(batches, None)
@@ -79,11 +54,11 @@ def evaluate_model(model: nn.Module, params: Any, batches: Iterable[Dict[str, np
     raise ValueError('The evaluation split is empty.')
   parallel.check_batch_size(len(first['image']) * jax.process_count(), 'batch_eval')
   mesh = parallel.create_mesh()
-  params = parallel.replicate(mesh, params)
+  variables = parallel.replicate(mesh, variables)
   eval_fn = jax.jit(functools.partial(metrics.eval_step, model=model))
-  timing = (time_inference(eval_fn, params, parallel.to_global(mesh, first), timing_repeats)
+  timing = (time_inference(eval_fn, variables, parallel.to_global(mesh, first), timing_repeats)
             if timing_repeats else None)
-  result = metrics.evaluate(params, eval_fn, mesh, itertools.chain([first], batches), prefetch)
+  result = metrics.evaluate(variables, eval_fn, mesh, itertools.chain([first], batches), prefetch)
   return result, timing
 
 
@@ -189,8 +164,8 @@ def run_linear_probe(loaded: run_dir.Loaded, config: ml_collections.ConfigDict,
                      shots: Sequence[int], l2_reg: float, seed: int) -> Dict[int, float]:
   """Few-shot accuracy of ridge probes on the frozen features of the train split."""
   train = linear_probe.extract_features(
-      loaded.model, loaded.params, data.get_eval_data(config, split=config.pp.train))
-  test = linear_probe.extract_features(loaded.model, loaded.params,
+      loaded.model, loaded.variables, data.get_eval_data(config, split=config.pp.train))
+  test = linear_probe.extract_features(loaded.model, loaded.variables,
                                        data.get_eval_data(config))
   num_classes = data.get_dataset_info(config).num_classes
   return linear_probe.few_shot_accuracy(train, test, num_classes, shots, l2_reg, seed)
@@ -243,7 +218,7 @@ def main(argv: List[str]) -> None:
     write_scalars(FLAGS.workdir or output_dir, step,
                   {f'linear_probe/{split}/{k or "all"}_shot': v for k, v in accuracy.items()})
     return
-  result, timing = evaluate_model(loaded.model, loaded.params, data.get_eval_data(config),
+  result, timing = evaluate_model(loaded.model, loaded.variables, data.get_eval_data(config),
                                   FLAGS.timing_repeats, config.prefetch)
   if jax.process_index() == 0:
     report = write_report(output_dir, result, loaded.class_names, timing, about)

@@ -33,7 +33,7 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> run_dir.Loaded
                      '.safetensors file (timm\'s, for Swin, ResNet v1.5 and Mixer).')
   loaded = run_dir.load(workdir, step)
   if jax.process_index() == 0:
-    checkpoint.save_variables(jax.device_get({'params': loaded.params}), out)
+    checkpoint.save_variables(jax.device_get(loaded.variables), out)
   return loaded
 
 

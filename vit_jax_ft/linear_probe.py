@@ -83,25 +83,26 @@ def few_shot_accuracy(train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.ndarr
   return results
 
 
-def extract_features(model: nn.Module, params: Any,
+def extract_features(model: nn.Module, variables: Any,
                      batches: Iterable[Dict[str, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
   """Pre-logits features and labels of the real (mask 1) examples of padded batches.
 
-  `model` must be built with `num_classes=0`, so that it returns its features.
+  `model` must be built with `num_classes=0`, so that it returns its features; `variables`
+  as `run_dir.Loaded.variables` (BatchNorm models normalise with their stored statistics).
   """
   if model.num_classes:
     raise ValueError('extract_features needs the model without its head: build it '
                      'with num_classes=0.')
-  apply_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  apply_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
   mesh = parallel.create_mesh()
-  params = parallel.replicate(mesh, params)
+  variables = parallel.replicate(mesh, variables)
   with_mask = (dict(b, mask=b.get('mask', np.ones(len(b['label']), np.float32)))
                for b in batches)
   features, labels = [], []
   for batch in parallel.prefetch_to_mesh(mesh, with_mask, size=2):
     # Every host gets the features of all hosts' parts of the batch.
     x, y, keep = (multihost_utils.process_allgather(v, tiled=True) for v in
-                  (apply_fn(params, batch['image']), batch['label'], batch['mask']))
+                  (apply_fn(variables, batch['image']), batch['label'], batch['mask']))
     features.append(x[keep.astype(bool)])
     labels.append(y[keep.astype(bool)])
   if not features:

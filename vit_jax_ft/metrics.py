@@ -7,6 +7,7 @@ split. Top-1, per-class accuracy and F1 are all read from the confusion matrix, 
 holds classes**2 int32 counts per device (4 MB for 1000 classes).
 """
 import dataclasses
+import time
 from typing import Any, Callable, Dict, Iterable
 
 import flax.linen as nn
@@ -38,9 +39,10 @@ def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Sums:
           'correct_top5': jnp.sum(real * hits), 'confusion': confusion}
 
 
-def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> Sums:
-  """`batch_sums` of the model's logits on a padded batch."""
-  logits = model.apply({'params': params}, batch['image'], train=False)
+def eval_step(variables: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> Sums:
+  """`batch_sums` of the model's logits on a padded batch; `variables` are the Flax
+  collections (`{'params': ...}`, plus `'batch_stats'` for BatchNorm models)."""
+  logits = model.apply(variables, batch['image'], train=False)
   return batch_sums(logits, batch['label'], batch['mask'])
 
 
@@ -114,23 +116,60 @@ class ClassificationMetrics:
             'loss': self.loss}
 
 
-def evaluate_each(named_params: Dict[str, Any],
+@dataclasses.dataclass
+class Timing:
+  """Time of the evaluation step on one global batch after compilation and a warm-up run."""
+
+  batch_size: int
+  seconds_per_batch: float  # Median over `repeats` runs.
+  repeats: int
+
+  @property
+  def seconds_per_image(self) -> float:
+    return self.seconds_per_batch / self.batch_size
+
+
+def time_inference(step_fn, variables: Any, batch: Dict[str, jax.Array],
+                   repeats: int) -> Timing:
+  """Median wall time of `step_fn` on `batch`, excluding compilation and warm-up."""
+  jax.block_until_ready(step_fn(variables, batch))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step_fn(variables, batch))
+    seconds.append(time.perf_counter() - start)
+  return Timing(len(batch['image']), float(np.median(seconds)), repeats)
+
+
+def time_per_image(eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums], variables: Any,
+                   mesh: jax.sharding.Mesh, batch_size: int, image_size: int,
+                   repeats: int = 5) -> float:
+  """Seconds per image of `eval_fn` on a global batch of `batch_size` blank images (the
+  step's time does not depend on the pixels), after compilation and a warm-up run."""
+  local = batch_size // jax.process_count()
+  batch = {'image': np.zeros((local, image_size, image_size, 3), np.float32),
+           'label': np.zeros((local,), np.int32), 'mask': np.ones((local,), np.float32)}
+  timing = time_inference(eval_fn, variables, parallel.to_global(mesh, batch), repeats)
+  return timing.seconds_per_image
+
+
+def evaluate_each(named_variables: Dict[str, Any],
                   eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
                   mesh: jax.sharding.Mesh, batches: Iterable[Dict[str, np.ndarray]],
                   prefetch: int) -> Dict[str, ClassificationMetrics]:
-  """Metrics of each parameter set (the raw ones and their moving average) over every
+  """Metrics of each variable set (the raw parameters and their moving average) over every
   example of a split, each counted once, reading the split once; sums stay on the devices."""
   totals = None
   for batch in parallel.prefetch_to_mesh(mesh, batches, prefetch):
-    sums = {name: eval_fn(params, batch) for name, params in named_params.items()}
+    sums = {name: eval_fn(variables, batch) for name, variables in named_variables.items()}
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split is empty.')
   return {name: ClassificationMetrics.from_sums(s) for name, s in totals.items()}
 
 
-def evaluate(params: Any, eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
+def evaluate(variables: Any, eval_fn: Callable[[Any, Dict[str, jax.Array]], Sums],
              mesh: jax.sharding.Mesh, batches: Iterable[Dict[str, np.ndarray]],
              prefetch: int) -> ClassificationMetrics:
-  """`evaluate_each` of one parameter set."""
-  return evaluate_each({'': params}, eval_fn, mesh, batches, prefetch)['']
+  """`evaluate_each` of one variable set (`{'params': ...}`, plus `batch_stats` if any)."""
+  return evaluate_each({'': variables}, eval_fn, mesh, batches, prefetch)['']

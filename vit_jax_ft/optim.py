@@ -206,7 +206,7 @@ def _base_optimizer(config: ml_collections.ConfigDict,
 FREEZE_PRESETS = {
     # Head-only fine-tuning (a linear probe trained by SGD): all but the classifier and its
     # hidden layers.
-    'backbone': r'^(?!head(_hidden_\d+)?/)',
+    'backbone': r'^(?!(head(_hidden_\d+)?|fc)/)',  # ResNet v1's head is `fc`.
 }
 
 

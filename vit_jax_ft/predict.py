@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
+from flax import traverse_util
 
 from vit_jax_ft import checkpoint, defaults, hub, logs, memory, models, run_dir
 from vit_jax_ft.data import preprocess
@@ -44,26 +45,42 @@ def default_class_names(num_classes: int) -> List[str]:
   return [str(i) for i in range(num_classes)]
 
 
+def head_size(model_name: str, params: Any, image_size: int, **overrides: Any) -> int:
+  """The number of classes of `params`' head, found where the registry's model changes
+  shape with the number of classes (no parameter names assumed); 0 when it has no head."""
+  one, two = (traverse_util.flatten_dict(models.abstract_variables(
+      models.get_model(model_name, n, **overrides), image_size)['params'], sep='/')
+              for n in (1, 2))
+  stored = traverse_util.flatten_dict(dict(params), sep='/')
+  for key, shape in one.items():
+    if key in stored and key in two and shape.shape != two[key].shape:
+      axis = [a != b for a, b in zip(shape.shape, two[key].shape)].index(True)
+      return int(np.shape(stored[key])[axis])
+  return 0
+
+
 def load_released(path: str, model_name: str, image_size: int,
-                  with_head: bool = True) -> Tuple[nn.Module, Any]:
-  """(model, params) of a released `.npz`, the head's size read from the file.
+                  with_head: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+  """(model, variables) of a released `.npz` or a timm/torchvision file, the head's size
+  read from the file.
 
   Position embeddings are resized to `image_size`; a `pre_logits` layer in the
   file becomes the model's representation layer. Without `with_head` the model
   returns the pre-logits features (for the linear probe).
   """
-  params = checkpoint.load(hub.resolve(path, fetch_missing=False))
+  variables = checkpoint.load_variables(hub.resolve(path, fetch_missing=False))
+  params = variables['params']
   overrides = {}
   if 'pre_logits' in params:
     overrides['representation_size'] = params['pre_logits']['kernel'].shape[-1]
-  if with_head and 'head' not in params:
+  num_classes = head_size(model_name, params, image_size, **overrides) if with_head else 0
+  if with_head and not num_classes:
     raise checkpoint.CheckpointError(
         f'{path} has no classification head; use it with the linear probe '
         '(`python -m vit_jax_ft.evaluate --linear_probe`) or fine-tune it first.')
-  num_classes = params['head']['bias'].shape[-1] if with_head else 0
   model = models.get_model(model_name, num_classes, **overrides)
-  expected = models.abstract_variables(model, image_size)['params']
-  return model, checkpoint.adapt(params, expected, source=path, keep_head=with_head)
+  return model, checkpoint.adapt_variables(variables, run_dir.inference_shapes(model, image_size),
+                                           source=path, keep_head=with_head)
 
 
 def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
@@ -82,7 +99,8 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
     loaded = run_dir.load(workdir, step, ema)
     if not with_head:
       loaded.model = loaded.model.clone(num_classes=0)
-      loaded.params = {k: v for k, v in loaded.params.items() if k != 'head'}
+      features = run_dir.inference_shapes(loaded.model, loaded.config.pp.crop)['params']
+      loaded.params = {k: v for k, v in loaded.params.items() if k in features}
     return loaded
   if not model_name:
     raise ValueError('--checkpoint needs --model_name (`python -m vit_jax_ft.models` '
@@ -90,13 +108,14 @@ def load_model(workdir: Optional[str] = None, step: Optional[int] = None,
   config = defaults.get_config()
   config.model_name = model_name
   config.pp.crop = image_size
-  model, params = load_released(checkpoint_path, model_name, image_size, with_head)
+  model, variables = load_released(checkpoint_path, model_name, image_size, with_head)
   names = (read_class_names(class_names_file) if class_names_file
            else default_class_names(model.num_classes))
   if with_head and len(names) != model.num_classes:
     raise ValueError(f'{class_names_file} names {len(names)} classes; the checkpoint '
                      f'head has {model.num_classes}.')
-  return run_dir.Loaded(config, model, params, names)
+  return run_dir.Loaded(config, model, variables['params'], names,
+                        batch_stats=variables.get('batch_stats'))
 
 
 def load_images(paths: Sequence[str], config: ml_collections.ConfigDict) -> np.ndarray:
@@ -116,11 +135,12 @@ def load_images(paths: Sequence[str], config: ml_collections.ConfigDict) -> np.n
   return np.stack(images)
 
 
-def predict_probabilities(model: nn.Module, params: Any, images: np.ndarray,
+def predict_probabilities(model: nn.Module, variables: Any, images: np.ndarray,
                           batch_size: int = 64) -> np.ndarray:
-  """Softmax class probabilities, (n, classes)."""
-  logits_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  return np.concatenate([np.asarray(jax.nn.softmax(logits_fn(params, images[i:i + batch_size])))
+  """Softmax class probabilities, (n, classes); `variables` as `run_dir.Loaded.variables`."""
+  logits_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.concatenate([np.asarray(jax.nn.softmax(logits_fn(variables,
+                                                             images[i:i + batch_size])))
                          for i in range(0, len(images), batch_size)])
 
 
@@ -153,8 +173,8 @@ def define_model_flags() -> None:
   """Flags that choose the model: shared by predict, evaluate and explain."""
   flags.DEFINE_string('workdir', None, 'Training workdir of `python -m vit_jax_ft.main`.')
   flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: the latest).')
-  flags.DEFINE_string('checkpoint', None, 'A released .npz (path, URL or a name already '
-                      'fetched with `python -m vit_jax_ft.hub fetch`), instead of --workdir.')
+  flags.DEFINE_string('checkpoint', None, 'A released .npz or timm .safetensors (path, URL or '
+                      'a name fetched with `python -m vit_jax_ft.hub fetch`), not --workdir.')
   flags.DEFINE_string('model_name', None, 'Official model name of --checkpoint (ViT-B_16).')
   flags.DEFINE_integer('image_size', 384, 'Input resolution for --checkpoint.')
   flags.DEFINE_string('class_names', None, 'Text file, one class name per line, for '
@@ -185,7 +205,7 @@ def main(argv: List[str]) -> None:
     raise app.UsageError('Give one or more image files: python -m vit_jax_ft.predict '
                          '--workdir=RUN IMAGE...')
   loaded = model_from_flags()
-  probabilities = predict_probabilities(loaded.model, loaded.params,
+  probabilities = predict_probabilities(loaded.model, loaded.variables,
                                         load_images(paths, loaded.config), FLAGS.batch)
   print(FORMATS[FLAGS.format](paths, top_k(probabilities, loaded.class_names, FLAGS.top_k)))
 

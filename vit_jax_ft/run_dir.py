@@ -38,6 +38,13 @@ class Loaded:
   params: Any
   class_names: List[str]
   step: Optional[int] = None  # Training step of a workdir checkpoint.
+  batch_stats: Any = None  # BatchNorm statistics; None for models without BatchNorm.
+
+  @property
+  def variables(self) -> Dict[str, Any]:
+    """What the model is applied with: the params, and the BatchNorm statistics if any."""
+    return {'params': self.params, **({'batch_stats': self.batch_stats}
+                                      if self.batch_stats else {})}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -99,25 +106,43 @@ def checkpoint_steps(workdir: str) -> List[int]:
                 ocp.utils.is_checkpoint_finalized(os.path.join(directory, name)))
 
 
-def restore_params(workdir: str, step: int, model: nn.Module, image_size: int,
-                   ema: bool = False) -> Any:
-  """The parameters of checkpoint `step` (or their moving average), replicated over this
-  machine's devices; every name and shape must be the model's."""
+# The Flax collections inference applies a model with; the others (intermediates) are outputs.
+INFERENCE_COLLECTIONS = ('params', 'batch_stats')
+
+
+def inference_shapes(model: nn.Module, image_size: int) -> Dict[str, Any]:
+  """Shapes and dtypes of the model's `INFERENCE_COLLECTIONS` at `image_size`."""
+  shapes = models.abstract_variables(model, image_size)
+  return {k: shapes[k] for k in INFERENCE_COLLECTIONS if k in shapes}
+
+
+def _shapes_by_name(variables: Dict[str, Any]) -> Dict[str, tuple]:
+  """'{name}': shape for params, '{collection}:{name}' for the other collections."""
+  return {('' if collection == 'params' else f'{collection}:') + k: tuple(v.shape)
+          for collection, tree in variables.items()
+          for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def restore_variables(workdir: str, step: int, model: nn.Module, image_size: int,
+                      ema: bool = False) -> Dict[str, Any]:
+  """The params (their moving average with `ema`) and BatchNorm statistics of checkpoint
+  `step`, replicated over this machine's devices; every name and shape must be the model's."""
   path = os.path.join(checkpoint_dir(workdir), str(step), _ORBAX_ITEM)
-  shapes = models.abstract_variables(model, image_size)['params']
-  item = 'ema_params' if ema else 'params'
+  shapes = inference_shapes(model, image_size)
+  # The TrainState field each collection is stored as.
+  items = {k: 'ema_params' if ema and k == 'params' else k for k in shapes}
   try:
     stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   except (ValueError, KeyError, OSError) as e:
     raise _unreadable(workdir, step, e) from e
-  stored = stored.get(item)
-  if stored is None and ema:
+  if ema and stored.get('ema_params') is None:
     raise ValueError(f'Checkpoint {step} of {workdir} has no moving average of the '
                      'parameters: the run had config.ema_decay=0. Drop --ema.')
-  if stored is None:
-    raise _unreadable(workdir, step, KeyError(item))
-  have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(stored, sep='/').items()}
-  want = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
+  try:
+    stored = {k: stored[item] for k, item in items.items()}
+  except KeyError as e:
+    raise _unreadable(workdir, step, e) from e
+  have, want = _shapes_by_name(stored), _shapes_by_name(shapes)
   if have != want:
     differ = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
     raise ValueError(
@@ -126,15 +151,16 @@ def restore_params(workdir: str, step: int, model: nn.Module, image_size: int,
         '(name, checkpoint shape, model shape). Was config.json edited or the model '
         'registry changed since training?')
   sharding = parallel.replicated(parallel.create_mesh())
-  target = {item: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
+  target = {items[k]: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+            for k, tree in shapes.items()}
   try:
     restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except; orbax raises bare Exception for bad data.
     raise _unreadable(workdir, step, e) from e
-  return restored[item]
+  return {k: restored[item] for k, item in items.items()}
 
 
 def _unreadable(workdir: str, step: int, error: Exception) -> ValueError:
@@ -160,5 +186,6 @@ def load(workdir: str, step: Optional[int] = None, ema: bool = False) -> Loaded:
     model = build_model(config, len(class_names))
   else:
     model = model_from_spec(spec)
-  return Loaded(config, model, restore_params(workdir, step, model, config.pp.crop, ema),
-                class_names, step)
+  variables = restore_variables(workdir, step, model, config.pp.crop, ema)
+  return Loaded(config, model, variables['params'], class_names, step,
+                variables.get('batch_stats'))

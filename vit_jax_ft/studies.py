@@ -34,8 +34,15 @@ from vit_jax_ft.explain import curves
 RESULT_FILE = 'study_result.json'
 RETRAIN_DIR = 'retrain'
 # Per-cell columns of results.csv after the swept keys; timing columns vary between runs.
-METRIC_COLUMNS = ('dev_top1', 'dev_top5', 'test_top1', 'test_top5', 'steps')
-TIMING_COLUMNS = ('wall_time_s', 'images_per_sec')
+METRIC_COLUMNS = ('dev_top1', 'dev_top5', 'test_top1', 'test_top5', 'test_macro_f1', 'steps')
+TIMING_COLUMNS = ('wall_time_s', 'images_per_sec', 'ms_per_image')
+# What `sweep.metrics` may put in the Markdown table: column title and format of a value.
+TABLE_METRICS = {
+    'test_top1': ('test top-1', lambda v: f'{100 * v:.2f}'),
+    'test_top5': ('test top-5 (%)', lambda v: f'{100 * v:.2f}'),
+    'test_macro_f1': ('macro F1 (%)', lambda v: f'{100 * v:.2f}'),
+    'ms_per_image': ('ms per image', lambda v: f'{v:.3f}'),
+}
 
 
 def sweep_options() -> ml_collections.ConfigDict:
@@ -59,6 +66,9 @@ def sweep_options() -> ml_collections.ConfigDict:
       'columns': (),
       # Published test top-1 in percent: ((row values..., column values...), value) pairs.
       'published': (),
+      # The Markdown table's numbers per cell, from `TABLE_METRICS`: test top-1 (%), then
+      # e.g. macro F1 (%) and the final model's inference time ('ms_per_image').
+      'metrics': ('test_top1',),
   })
 
 
@@ -162,6 +172,7 @@ def expand(config: ml_collections.ConfigDict) -> Grid:
   if sweep.retrain_split and sweep.retrain_split == config.pp.train:
     raise ValueError(f'config.sweep.retrain_split={sweep.retrain_split!r} is pp.train itself; '
                      "give the whole training split (e.g. 'train'), or '' to keep the cells.")
+  _subset('metrics', sweep.metrics, list(TABLE_METRICS))
   unselected = [k for k in name_keys if k not in selected]
   rows = _subset('rows', sweep.rows, unselected)
   columns = _subset('columns', sweep.columns, [k for k in unselected if k not in rows])
@@ -253,7 +264,9 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str, dev_split: str) ->
   result = {'dev_top1': dev.get('accuracy_top1', math.nan),
             'dev_top5': dev.get('accuracy_top5', math.nan),
             'test_top1': test['accuracy_top1'], 'test_top5': test['accuracy_top5'],
-            'steps': config.total_steps, 'wall_time_s': round(time.time() - started, 1)}
+            'test_macro_f1': test.get('macro_f1', math.nan), 'steps': config.total_steps,
+            'wall_time_s': round(time.time() - started, 1),
+            'ms_per_image': 1e3 * test.get('seconds_per_image', math.nan)}
   if jax.process_index() == 0:  # The only process that writes event files and the marker.
     result['images_per_sec'] = round(_images_per_sec(workdir), 1)
     _write_atomic(marker, json.dumps(result, indent=2))
@@ -293,7 +306,7 @@ def results_csv(grid: Grid, results: Dict[str, Dict[str, Any]], workdir: str) ->
     row = {'name': cell.name, 'role': role, 'selected': int(cell.name in winners),
            **{k: format_value(cell.values[k]) for k in keys}, **results[cell.name],
            'workdir': os.path.join(workdir, cell.name)}
-    writer.writerow([row[c] for c in columns])
+    writer.writerow([row.get(c, '') for c in columns])  # Results of older versions lack some.
   return out.getvalue()
 
 
@@ -303,27 +316,32 @@ def _percent(value: float) -> str:
 
 def results_markdown(config: ml_collections.ConfigDict, grid: Grid,
                      results: Dict[str, Dict[str, Any]]) -> str:
-  """The Markdown table of reported test top-1 (%), the selected values, published numbers."""
+  """The Markdown table of reported test top-1 (%), the selected values, published numbers,
+  and the other `sweep.metrics` of each reported cell."""
   sweep = config.sweep
   published = {tuple(k): v for k, v in sweep.published}
+  extra = [m for m in sweep.metrics if m != 'test_top1']
   winners = select(grid, results)
   by_position = {}
   for group, cell in winners.items():
     retrained = results.get(retrain_cell(cell).name)
     if sweep.retrain_split and retrained is None:
       continue
-    by_position[grid.position(cell)] = (cell, (retrained or results[cell.name])['test_top1'])
+    by_position[grid.position(cell)] = (cell, retrained or results[cell.name])
   row_values = list(dict.fromkeys(grid.position(c)[0] for c in grid.cells))
   column_values = list(dict.fromkeys(grid.position(c)[1] for c in grid.cells))
   header = list(grid.rows)
   for column in column_values:
-    label = ' '.join(format_value(v) for v in column) or 'test top-1'
+    name = ' '.join(format_value(v) for v in column)
+    label = name or 'test top-1'
     header += [label] + ([f'{label} published', f'{label} Δ'] if published else [])
+    header += [f'{name} {TABLE_METRICS[m][0]}'.strip() for m in extra]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in row_values:
     fields = [format_value(v) for v in row]
     for column in column_values:
-      cell, accuracy = by_position.get((row, column), (None, None))
+      cell, result = by_position.get((row, column), (None, {}))
+      accuracy = result.get('test_top1')
       text = _percent(accuracy)
       if cell is not None and grid.selected:
         text += ' (' + ', '.join(f'{k}={format_value(cell.values[k])}'
@@ -334,11 +352,15 @@ def results_markdown(config: ml_collections.ConfigDict, grid: Grid,
         fields.append('' if paper is None else f'{paper:.2f}')
         fields.append('' if paper is None or accuracy is None
                       else f'{100 * accuracy - paper:+.2f}')
+      for metric in extra:
+        value = result.get(metric, math.nan)
+        fields.append('' if math.isnan(value) else TABLE_METRICS[metric][1](value))
     lines.append('| ' + ' | '.join(fields) + ' |')
   rule = (f'selected by the highest top-1 on {sweep.dev_split} (ties: the first in grid order) '
           f'among {", ".join(grid.selected)}' if grid.selected else 'no selection')
   retrain = f', retrained on {sweep.retrain_split}' if sweep.retrain_split else ''
-  caption = f'Test top-1 (%) on {config.pp.test}; {rule}{retrain}.'
+  also = ''.join(f', {TABLE_METRICS[m][0]}' for m in extra)
+  caption = f'Test top-1 (%){also} on {config.pp.test}; {rule}{retrain}.'
   return caption + '\n\n' + '\n'.join(lines) + '\n'
 
 

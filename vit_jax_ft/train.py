@@ -3,6 +3,14 @@
 Data parallel through `jax.jit` over a 1-D device mesh: parameters replicated, batches
 sharded, so the mean loss is over the global batch and gradients are averaged over
 devices and hosts by construction. One step on 8 devices equals one step on 1 device.
+
+BatchNorm models (ResNet v1) carry their running statistics in `TrainState.batch_stats`.
+With `config.batch_norm='train'` the step normalises with the statistics of its batch (the
+global batch, or the global micro-batch with accumulation: the mean over a sharded axis
+is a cross-device reduction under jit, so the statistics are synchronised by construction)
+and updates the running ones; micro-batches update them one after the other, as PyTorch
+does when it accumulates. With 'frozen' BatchNorm normalises with the stored statistics,
+which never change.
 """
 import functools
 import json
@@ -26,7 +34,7 @@ from tensorflow.io import gfile
 
 from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, memory,
                         models, optim, parallel, recipe, run_dir)
-from vit_jax_ft.metrics import eval_step, evaluate_each
+from vit_jax_ft.metrics import eval_step, evaluate_each, time_per_image
 from vit_jax_ft.pretrained import pretrained_path
 from vit_jax_ft.run_dir import build_model
 
@@ -34,14 +42,45 @@ Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
 
 
+# config.batch_norm: what fine-tuning does with BatchNorm statistics (models without
+# BatchNorm ignore it).
+BATCH_NORM_MODES = ('train', 'frozen')
+
+
 class TrainState(struct.PyTreeNode):
-  """What a checkpoint holds: the step, parameters and optimiser state (with the
-  reduce-on-plateau state), and the parameters' moving average when `config.ema_decay` is set."""
+  """What a checkpoint holds: the step, parameters, optimiser state (with the reduce-on-plateau
+  state), BatchNorm statistics, and the parameters' moving average when `config.ema_decay` is
+  set."""
 
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any = None
+  batch_stats: Any = struct.field(default_factory=dict)  # {} for models without BatchNorm.
+
+  @property
+  def variables(self) -> Dict[str, Any]:
+    """The Flax variables the model is applied with for evaluation."""
+    return variables_of(self.params, self.batch_stats)
+
+
+def variables_of(params: Any, batch_stats: Any) -> Dict[str, Any]:
+  """`{'params': ...}`, with `'batch_stats'` when the model has BatchNorm."""
+  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+
+
+def check_batch_norm(config: ml_collections.ConfigDict) -> None:
+  """Fails before any compile on an unknown `config.batch_norm`."""
+  if config.batch_norm not in BATCH_NORM_MODES:
+    raise ValueError(f'config.batch_norm={config.batch_norm!r}; choose {BATCH_NORM_MODES}: '
+                     "'train' updates the BatchNorm statistics, 'frozen' keeps them.")
+
+
+def training_model(config: ml_collections.ConfigDict, model: nn.Module) -> nn.Module:
+  """The model the training step applies: BatchNorm on its stored statistics when frozen."""
+  if config.batch_norm == 'frozen' and 'frozen_batch_norm' in model.__dataclass_fields__:
+    return model.clone(frozen_batch_norm=True)
+  return model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,29 +94,34 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   size = config.pp.crop
   init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False),
                  backend='cpu')
-  params = jax.device_get(init(jax.random.PRNGKey(config.seed))['params'])
+  variables = jax.device_get(init(jax.random.PRNGKey(config.seed)))
+  variables = variables_of(variables['params'], variables.get('batch_stats'))
   path = pretrained_path(config)
   if path:
     logging.info('Loading pretrained weights from %s', path)
-    params = checkpoint.load_pretrained(path, params)
+    variables = checkpoint.load_pretrained_variables(path, variables)
   else:
     logging.warning('No pretrained checkpoint: training %s from scratch.', config.model_name)
   # The average starts at the first parameters, in buffers of its own (the state is donated).
-  ema_params = parallel.replicate(mesh, params) if config.ema_decay else None
-  params = parallel.replicate(mesh, params)
+  ema_params = parallel.replicate(mesh, variables['params']) if config.ema_decay else None
+  variables = parallel.replicate(mesh, variables)
+  params = variables['params']
   opt_state = jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params)
   step = parallel.replicate(mesh, jnp.zeros((), jnp.int32))
-  return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema_params)
+  return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema_params,
+                    batch_stats=variables.get('batch_stats', {}))
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                          tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
                          ) -> TrainState:
   """Shapes, dtypes and shardings of the train state, to restore a checkpoint into."""
-  params = models.abstract_variables(model, config.pp.crop)['params']
+  variables = models.abstract_variables(model, config.pp.crop)
+  params = variables['params']
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                      opt_state=jax.eval_shape(tx.init, params),
-                     ema_params=params if config.ema_decay else None)
+                     ema_params=params if config.ema_decay else None,
+                     batch_stats=variables.get('batch_stats', {}))
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       state)
@@ -105,7 +149,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   zero-initialised gradient tree is kept and added. `frozen` (a tree of bools like the params)
   stops gradients at frozen parameters, so XLA skips their backward pass and `grad_norm`
   covers only what is trained. `step_recipe` smooths and mixes the global batch's targets
-  before the split (`recipe`), and updates `ema_params` when the state has them.
+  before the split (`recipe`), and updates `ema_params` when the state has them. BatchNorm
+  statistics pass from each micro-batch to the next (a model built with `frozen_batch_norm`
+  returns them unchanged).
   """
   weights = batch.get('weight')
   # Without weights the normaliser is the static batch size: no reduction, no weight multiply.
@@ -121,38 +167,44 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       images, labels = recipe.mix_batch(jax.random.fold_in(rng, recipe.MIX_STREAM),
                                         step_recipe, images, labels)
 
-  def loss_fn(params, images, labels, w, index):
+  def loss_fn(params, batch_stats, images, labels, w, index):
     if frozen is not None:  # Inside the differentiated function, or it would stop nothing.
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    logits = model.apply({'params': params}, images, train=True,
-                         rngs={'dropout': jax.random.fold_in(rng, index)})
-    return weighted_cross_entropy(logits, labels, w, normaliser)
+    logits, updated = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                  train=True, rngs={'dropout': jax.random.fold_in(rng, index)},
+                                  mutable=['batch_stats'])
+    return (weighted_cross_entropy(logits, labels, w, normaliser),
+            updated.get('batch_stats', {}))
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   inputs = {'image': images, 'label': labels, 'weight': weights}
   if accum_steps == 1:
-    loss, grads = grad_fn(params, inputs['image'], inputs['label'], weights, 0)
+    (loss, batch_stats), grads = grad_fn(params, state.batch_stats, inputs['image'],
+                                         inputs['label'], weights, 0)
   else:
     # Strided split: micro-batch i takes rows i, i+k, ..., so every device keeps a share.
     micro = jax.tree.map(
         lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]
                             ).swapaxes(0, 1), inputs)
 
-    def grads_of(i):
+    def grads_of(i, batch_stats):
       part = jax.tree.map(lambda x: x[i], micro)
-      return grad_fn(params, part['image'], part['label'], part['weight'], i)
+      return grad_fn(params, batch_stats, part['image'], part['label'], part['weight'], i)
 
     def accumulate(i, carry):
-      return jax.tree.map(jnp.add, carry, grads_of(i))
+      (loss, batch_stats), grads = carry
+      (part_loss, batch_stats), part_grads = grads_of(i, batch_stats)
+      return (loss + part_loss, batch_stats), jax.tree.map(jnp.add, grads, part_grads)
 
-    loss, grads = jax.lax.fori_loop(1, accum_steps, accumulate, grads_of(0))
+    (loss, batch_stats), grads = jax.lax.fori_loop(1, accum_steps, accumulate,
+                                                   grads_of(0, state.batch_stats))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
     ema_params = recipe.ema_update(ema_params, new_params, step_recipe.ema_decay)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
-                            ema_params=ema_params)
+                            ema_params=ema_params, batch_stats=batch_stats)
   return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
                      'param_norm': optax.global_norm(new_params)}
 
@@ -282,13 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   memory.check_accum_steps(config)
   parallel.check_batch_size(config.batch_eval, 'batch_eval')
   step_recipe = recipe.from_config(config)
+  check_batch_norm(config)
   info = data.get_dataset_info(config)
   model = build_model(config, info.num_classes)
-  if 'batch_stats' in models.abstract_variables(model, config.pp.crop):
-    raise NotImplementedError(
-        f'{config.model_name} keeps BatchNorm statistics, which the training step does not '
-        'carry yet: fine-tune a ViT, hybrid, BiT, Mixer or Swin, or evaluate it with '
-        '`checkpoint.load_variables` and `model.apply`.')
   image_size.check(config, model)
   info = data.earlier_decode_failures(info, workdir)
   write_run_files(config, workdir, info, model)
@@ -311,9 +359,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.info('Resumed from the checkpoint of step %d in %s', start, workdir)
 
   frozen = optim.frozen_mask(config.freeze, state.params) if config.freeze else None
-  accum_steps, step_model = config.accum_steps, model
+  accum_steps, step_model = config.accum_steps, training_model(config, model)
   if config.auto_accum_steps:
-    accum_steps, step_model = fit_in_memory(config, model, tx, mesh, frozen)
+    accum_steps, step_model = fit_in_memory(config, step_model, tx, mesh, frozen)
   step_fn = jit_train_step(step_model, tx, accum_steps=accum_steps, seed=config.seed,
                            frozen=frozen, step_recipe=step_recipe)
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
@@ -328,9 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   def run_eval(step):
     """Test metrics of the parameters, and of their average as `ema_*` when kept."""
     nonlocal info
-    named = {'': state.params}
+    named = {'': state.variables}
     if state.ema_params is not None:
-      named['ema_'] = state.ema_params
+      named['ema_'] = variables_of(state.ema_params, state.batch_stats)
     eval_data = data.get_eval_data(config)
     with progress.timed('eval'):
       results = evaluate_each(named, eval_fn, mesh, eval_data, config.prefetch)
@@ -339,7 +387,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     for prefix, result in results.items():
       metrics.update({f'{prefix}accuracy_top1': result.top1,
                       f'{prefix}accuracy_top5': result.top5, f'{prefix}loss': result.loss})
+    metrics['macro_f1'] = results[''].macro_f1
     metrics['num_examples'] = results[''].num_examples
+    if step >= config.total_steps:  # The final model: how fast it classifies (studies).
+      metrics['seconds_per_image'] = time_per_image(eval_fn, state.variables, mesh,
+                                                    config.batch_eval, config.pp.crop)
     writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
     ema = (f'; EMA top-1 {metrics["ema_accuracy_top1"]:.4f}, top-5 '
            f'{metrics["ema_accuracy_top5"]:.4f}' if state.ema_params is not None else '')

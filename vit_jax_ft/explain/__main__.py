@@ -1,4 +1,4 @@
-r"""Figures of what a ViT attends to and learns, as PNG files.
+r"""Figures of what a model attends to and learns, as PNG files.
 
   python -m vit_jax_ft.explain --workdir=/tmp/run1 cat.jpg dog.jpg
   python -m vit_jax_ft.explain --checkpoint=checkpoints/imagenet21k/ViT-B_16.npz \
@@ -8,11 +8,14 @@ r"""Figures of what a ViT attends to and learns, as PNG files.
 Figures (`--figures`, default `all`: every one that the inputs allow):
   attention  class-token attention per layer and head, one PNG per image
   rollout    attention rollout through all layers (Abnar & Zuidema 2020)
-  gradcam    Grad-CAM of the predicted (or --class_index) class; ViT and BiT
+  gradcam    Grad-CAM of the predicted (or --class_index) class; every family (ViT,
+             hybrid, BiT, ResNet v1 and Swin on their last stage, Mixer on its last block)
   posembed   cosine similarity of the position embeddings (grid of grids)
   filters    principal components of the RGB patch-embedding filters
   distance   mean attention distance per head against depth, over the images
   curves     training curves (loss, accuracy, learning rate) of --workdir
+Attention, rollout, posembed, filters and distance exist only in ViTs; for the other
+families the command says so and names the figures that apply.
 """
 import dataclasses
 import functools
@@ -54,7 +57,7 @@ class Inputs:
     """Each image's file name and predicted class."""
     if not self.loaded.model.num_classes:
       return [os.path.basename(p) for p in self.image_paths]
-    probabilities = predict.predict_probabilities(self.loaded.model, self.loaded.params,
+    probabilities = predict.predict_probabilities(self.loaded.model, self.loaded.variables,
                                                   self.images)
     return [f'{os.path.basename(p)}: {self.loaded.class_names[i]} ({q[i]:.2f})'
             for p, q, i in zip(self.image_paths, probabilities, probabilities.argmax(-1))]
@@ -76,7 +79,7 @@ def _rollout(inputs: Inputs) -> List[str]:
 def _gradcam(inputs: Inputs) -> List[str]:
   class_index = (None if inputs.class_index is None
                  else np.full(len(inputs.images), inputs.class_index))
-  maps = gradcam.gradcam(inputs.loaded.model, inputs.loaded.params, inputs.images,
+  maps = gradcam.gradcam(inputs.loaded.model, inputs.loaded.variables, inputs.images,
                          class_index)
   return [figures.heat_overlays(inputs.images, maps, inputs.path('gradcam.png'),
                                 inputs.titles, 'Grad-CAM')]
@@ -135,7 +138,10 @@ def missing(figure: Figure, has_images: bool, model: Optional[object],
     return 'needs image files as arguments'
   is_vit = isinstance(model, VisionTransformer)
   if figure.needs_vit and model is not None and not is_vit:
-    return 'needs a ViT (this model has no attention)'
+    applicable = [name for name, other in FIGURES.items() if not other.needs_vit]
+    return (f'needs a ViT: {type(model).__name__} {model.model_name or ""} has no ViT '
+            f'attention or position embeddings; the figures that apply are '
+            f'{", ".join(applicable)}')
   if figure.needs_patch_pixels and is_vit and model.resnet_layers is not None:
     return 'needs a plain ViT (a hybrid embeds ResNet features, not pixels)'
   return None

@@ -1,10 +1,12 @@
-"""Grad-CAM (Selvaraju et al. 2017) for ViT, hybrid ViT and BiT.
+"""Grad-CAM (Selvaraju et al. 2017) for ViT, hybrid ViT, BiT, ResNet v1, Swin and Mixer.
 
 The target activation is where spatial evidence last lives before pooling:
 - ViT: the tokens entering the last encoder block (its output only reaches
   the class token's logits through attention in that block, so the block's
   input is the last place gradients reach every patch);
-- BiT: the feature map leaving the last stage.
+- BiT and ResNet v1: the feature map leaving the last stage (its last block);
+- Swin: the (batch, h, w, channels) grid leaving the last stage, before the final norm;
+- Mixer: the patch tokens leaving the last block, as their grid.
 It is caught with `flax.linen.intercept_methods`, so the models need no hooks.
 """
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
@@ -15,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax_ft.explain.attention import has_class_token, token_grid
+from vit_jax_ft.models.mixer import MlpMixer
 from vit_jax_ft.models.resnet import BIT_BLOCK_SIZES, BitResNet
+from vit_jax_ft.models.resnet_v1 import ResNetV1
+from vit_jax_ft.models.swin import SwinTransformer
 from vit_jax_ft.models.vit import VisionTransformer
 
 
@@ -44,17 +49,39 @@ def _bit_target(model: BitResNet, params: Mapping[str, Any]) -> Target:
   return Target(f'block{stages}', False, lambda x: x)
 
 
+def _resnet_v1_target(model: ResNetV1, params: Mapping[str, Any]) -> Target:
+  del params
+  return Target(f'layer{len(model.layers)}_{model.layers[-1] - 1}', False, lambda x: x)
+
+
+def _swin_target(model: SwinTransformer, params: Mapping[str, Any]) -> Target:
+  del params
+  return Target(f'layers_{len(model.depths) - 1}', False, lambda x: x)
+
+
+def _mixer_target(model: MlpMixer, params: Mapping[str, Any]) -> Target:
+  del params
+
+  def to_grid(tokens):
+    return tokens.reshape((len(tokens),) + token_grid(tokens.shape[1], False)
+                          + tokens.shape[-1:])
+
+  return Target(f'MixerBlock_{model.num_blocks - 1}', False, to_grid)
+
+
 # Model class -> where its Grad-CAM activation is.
-TARGETS = {VisionTransformer: _vit_target, BitResNet: _bit_target}
+TARGETS = {VisionTransformer: _vit_target, BitResNet: _bit_target, ResNetV1: _resnet_v1_target,
+           SwinTransformer: _swin_target, MlpMixer: _mixer_target}
 
 
-def activation_and_gradient(model: nn.Module, params: Mapping[str, Any],
+def activation_and_gradient(model: nn.Module, variables: Mapping[str, Any],
                             images: np.ndarray, class_index: Optional[np.ndarray] = None
                             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The target activation as a grid, the gradient of the class logit w.r.t. it,
   and the logits: (batch, h, w, c), (batch, h, w, c), (batch, classes).
 
-  `class_index` (batch,) defaults to each image's predicted class.
+  `variables` as `run_dir.Loaded.variables`; `class_index` (batch,) defaults to each
+  image's predicted class.
   """
   if type(model) not in TARGETS:
     raise ValueError(f'Grad-CAM supports {sorted(c.__name__ for c in TARGETS)}, '
@@ -62,7 +89,7 @@ def activation_and_gradient(model: nn.Module, params: Mapping[str, Any],
   if not model.num_classes:
     raise ValueError('Grad-CAM needs class logits: build the model with a head '
                      '(num_classes > 0).')
-  target = TARGETS[type(model)](model, params)
+  target = TARGETS[type(model)](model, variables['params'])
 
   def forward(delta):
     """Logits with `delta` added to the target activation, and that activation."""
@@ -78,7 +105,7 @@ def activation_and_gradient(model: nn.Module, params: Mapping[str, Any],
       return caught['x']
 
     with nn.intercept_methods(interceptor):
-      logits = model.apply({'params': params}, images, train=False)
+      logits = model.apply(variables, images, train=False)
     return logits, caught['x']
 
   logits, activation = jax.jit(forward, static_argnums=0)(None)
@@ -105,8 +132,8 @@ def cam_from(activation: np.ndarray, gradient: np.ndarray) -> np.ndarray:
   return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0)
 
 
-def gradcam(model: nn.Module, params: Mapping[str, Any], images: np.ndarray,
+def gradcam(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
             class_index: Optional[np.ndarray] = None) -> np.ndarray:
   """Grad-CAM maps (batch, h, w) in [0, 1] on the model's feature grid."""
-  activation, gradient, _ = activation_and_gradient(model, params, images, class_index)
+  activation, gradient, _ = activation_and_gradient(model, variables, images, class_index)
   return cam_from(activation, gradient)

@@ -102,11 +102,13 @@ class Stem(nn.Module):
   width: int
   train: bool
   dtype: Dtype = jnp.float32
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.width, (3, 3), (2, 2), padding='SAME', dtype=self.dtype, name='conv1')(x)
-    x = nn.gelu(batch_norm(self.train, self.dtype, 'norm1')(x), approximate=True)
+    x = nn.gelu(batch_norm(self.train and not self.frozen_batch_norm, self.dtype, 'norm1')(x),
+                approximate=True)
     return nn.Conv(self.width, (3, 3), padding='SAME', dtype=self.dtype, name='conv2')(x)
 
 
@@ -146,17 +148,19 @@ class MBConv(nn.Module):
   train: bool
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x):
+    norm_train = self.train and not self.frozen_batch_norm
     mid = make_divisible(self.out_dim * EXPAND_RATIO)
     shortcut = Downsample(self.out_dim, self.dtype, name='shortcut')(x) if self.stride > 1 else x
-    y = batch_norm(self.train, self.dtype, 'pre_norm')(x)
+    y = batch_norm(norm_train, self.dtype, 'pre_norm')(x)
     y = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name='conv1_1x1')(y)
-    y = nn.gelu(batch_norm(self.train, self.dtype, 'norm1')(y), approximate=True)
+    y = nn.gelu(batch_norm(norm_train, self.dtype, 'norm1')(y), approximate=True)
     y = nn.Conv(mid, (3, 3), (self.stride,) * 2, padding='SAME', feature_group_count=mid,
                 use_bias=False, dtype=self.dtype, name='conv2_kxk')(y)
-    y = nn.gelu(batch_norm(self.train, self.dtype, 'norm2')(y), approximate=True)
+    y = nn.gelu(batch_norm(norm_train, self.dtype, 'norm2')(y), approximate=True)
     y = SqueezeExcite(int(SE_RATIO * self.out_dim), self.dtype, name='se')(y)
     y = nn.Conv(self.out_dim, (1, 1), dtype=self.dtype, name='conv3_1x1')(y)
     return DropPath(self.drop_path)(y, self.train) + shortcut
@@ -244,10 +248,12 @@ class MaxVitBlock(nn.Module):
   train: bool
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = MBConv(self.out_dim, self.stride, self.train, self.drop_path, self.dtype, name='conv')(x)
+    x = MBConv(self.out_dim, self.stride, self.train, self.drop_path, self.dtype,
+               self.frozen_batch_norm, name='conv')(x)
     for grid, name in ((False, 'attn_block'), (True, 'attn_grid')):
       x = PartitionAttention(grid, self.partition, self.head_dim, self.train, self.drop_path,
                              self.dtype, name=name)(x)
@@ -264,12 +270,14 @@ class Stage(nn.Module):
   train: bool
   drop_paths: Sequence[float]
   dtype: Dtype = jnp.float32
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x):
     for block in range(self.depth):
       x = MaxVitBlock(self.out_dim, 1 if block else 2, self.partition, self.head_dim,
-                      self.train, self.drop_paths[block], self.dtype, name=f'blocks_{block}')(x)
+                      self.train, self.drop_paths[block], self.dtype, self.frozen_batch_norm,
+                      name=f'blocks_{block}')(x)
     return x
 
 
@@ -315,6 +323,8 @@ class MaxVit(nn.Module):
   partition_size: Optional[int] = None
   drop_path_rate: float = 0.0  # Stochastic depth, rising linearly over the blocks from 0 (timm).
   dtype: Dtype = jnp.float32  # Computation dtype; parameters stay float32.
+  # BatchNorm normalises with the stored statistics even when training, and keeps them.
+  frozen_batch_norm: bool = False
   model_name: Optional[str] = None
 
   def partition(self, image: Tuple[int, int]) -> Tuple[int, int]:
@@ -339,12 +349,13 @@ class MaxVit(nn.Module):
   def __call__(self, images, *, train: bool = False):
     self.check_size(images.shape[1:3])
     partition = self.partition(images.shape[1:3])
-    x = Stem(self.stem_width, train, self.dtype, name='stem')(images.astype(self.dtype))
+    x = Stem(self.stem_width, train, self.dtype, self.frozen_batch_norm, name='stem')(
+        images.astype(self.dtype))
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
     for stage, (depth, width) in enumerate(zip(self.depths, self.embed_dim)):
       start = sum(self.depths[:stage])
       x = Stage(width, depth, partition, self.head_dim, train, tuple(rates[start:start + depth]),
-                self.dtype, name=f'stages_{stage}')(x)
+                self.dtype, self.frozen_batch_norm, name=f'stages_{stage}')(x)
     x = Head(self.num_classes, self.head_hidden_size, self.dtype, name='head')(x)
     return x.astype(jnp.float32)
 

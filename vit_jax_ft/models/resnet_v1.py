@@ -27,7 +27,7 @@ class Bottleneck(nn.Module):
 
   width: int
   stride: int
-  train: bool
+  use_running_average: bool
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -36,7 +36,7 @@ class Bottleneck(nn.Module):
         features, (size, size), (stride, stride), padding=[(size // 2, size // 2)] * 2,
         use_bias=False, dtype=self.dtype, name=name)
     norm = lambda name: nn.BatchNorm(  # noqa: E731
-        use_running_average=not self.train, momentum=BATCH_NORM_MOMENTUM,
+        use_running_average=self.use_running_average, momentum=BATCH_NORM_MOMENTUM,
         epsilon=BATCH_NORM_EPS, dtype=self.dtype, name=name)
     out = 4 * self.width
     y = nn.relu(norm('bn1')(conv(self.width, 1, 1, 'conv1')(x)))
@@ -54,19 +54,22 @@ class ResNetV1(nn.Module):
   layers: Sequence[int] = (3, 4, 6, 3)  # resnet50's blocks per stage.
   channels: Sequence[int] = (64, 128, 256, 512)
   dtype: Dtype = jnp.float32  # Computation dtype; parameters stay float32.
+  # BatchNorm normalises with the stored statistics even when training, and keeps them.
+  frozen_batch_norm: bool = False
   model_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
+    running = not train or self.frozen_batch_norm
     x = nn.Conv(STEM_WIDTH, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
                 dtype=self.dtype, name='conv1')(images.astype(self.dtype))
-    x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
+    x = nn.BatchNorm(use_running_average=running, momentum=BATCH_NORM_MOMENTUM,
                      epsilon=BATCH_NORM_EPS, dtype=self.dtype, name='bn1')(x)
     x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
     for stage, (depth, width) in enumerate(zip(self.layers, self.channels)):
       for block in range(depth):
         stride = 2 if stage and not block else 1
-        x = Bottleneck(width, stride, train, self.dtype, name=f'layer{stage + 1}_{block}')(x)
+        x = Bottleneck(width, stride, running, self.dtype, name=f'layer{stage + 1}_{block}')(x)
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
