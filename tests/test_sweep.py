@@ -283,7 +283,7 @@ def test_killed_study_resumes_without_rerunning_finished_cells(digits_folder, tm
 @pytest.mark.parametrize('module, arg, cells, keys', [
     ('resolution', 'oxford_flowers102', 20, ['pp.crop', 'base_lr']),
     ('data_fraction', 'cifar100', 32, ['train_fraction', 'model_name', 'base_lr']),
-    ('optimizer_schedule', 'adam', 9, ['decay_type', 'base_lr']),
+    ('optimizer_schedule', 'adam', 12, ['decay_type', 'base_lr']),
     ('head_only', 'cifar100', 8, ['freeze', 'base_lr']),
     ('folder_models', '/data/photos', 12, ['model_name', 'base_lr']),
 ])

@@ -11,25 +11,21 @@ One table: test top-1, macro F1 (from the confusion matrix) and the final model'
 time per image (`ms_per_image`, batch `batch_eval`) for each model and mode.
 
 The weights: ViTs from ImageNet-21k (`python -m vit_jax_ft.hub fetch imagenet21k/ViT-B_16`),
-Swin-B and the ResNets from timm's `.safetensors` files (ImageNet-22k then 1k, and 1k),
-placed under checkpoints/timm/ by `python -m vit_jax_ft.hub fetch` or by hand.
+Swin-B and the ResNets from timm's default `.safetensors` files on the Hugging Face Hub
+(ImageNet-22k then 1k, and 1k), all by their public names: the first host fetches each once
+(`python -m vit_jax_ft.hub fetch timm/resnet50` does it ahead).
 """
-import os
-
 import ml_collections
 
 from vit_jax_ft import defaults, studies
 
-TIMM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'checkpoints', 'timm')
-# (model name, pretrained checkpoint): a public name or a file.
+# (model name, pretrained checkpoint): public names of `python -m vit_jax_ft.hub list`.
 MODELS = (
     ('ViT-B_32', 'imagenet21k/ViT-B_32'),
-    ('swin_base_patch4_window7_224',
-     os.path.join(TIMM_DIR, 'swin_base_patch4_window7_224.safetensors')),
+    ('swin_base_patch4_window7_224', 'timm/swin_base_patch4_window7_224'),
     ('ViT-B_16', 'imagenet21k/ViT-B_16'),
-    ('resnet50', os.path.join(TIMM_DIR, 'resnet50.safetensors')),
-    ('resnet152', os.path.join(TIMM_DIR, 'resnet152.safetensors')),
+    ('resnet50', 'timm/resnet50'),
+    ('resnet152', 'timm/resnet152'),
 )
 # Full fine-tuning with BatchNorm statistics updated; head-only with them frozen.
 MODES = (('freeze', ((), ('backbone',))), ('batch_norm', ('train', 'frozen')))
