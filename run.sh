@@ -2,7 +2,7 @@
 # Set-up and entry points of vit_jax_ft.
 #   ./run.sh            set up, then fine-tune the embedded checkpoint offline and report
 #   ./run.sh study      set up, then run the offline study (workdirs/study; rerun resumes)
-#   ./run.sh test       set up, then run the test suite (pytest arguments may follow)
+#   ./run.sh test       set up, then run the test suite in 2 workers (pytest arguments may follow)
 #   ./run.sh setup      only create .venv and install the package (pip install -e .[test])
 #   ./run.sh models     list the official models with parameter counts
 #   ./run.sh python ... run python inside the environment
@@ -33,7 +33,8 @@ setup
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 case "$cmd" in
   setup) ;;
-  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  # Two workers by default (TEST_WORKERS=0 runs in one process, e.g. to debug one test).
+  test) exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" "$@" ;;
   models) exec "$VENV/bin/python" -m vit_jax_ft.models "$@" ;;
   python) exec "$VENV/bin/python" "$@" ;;
   study)
