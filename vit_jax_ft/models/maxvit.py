@@ -200,19 +200,6 @@ class Attention(nn.Module):
     return nn.Dense(c, dtype=self.dtype, name='proj')(out)
 
 
-class Mlp(nn.Module):
-  """fc1, tanh GELU, fc2."""
-
-  hidden: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x), approximate=True)
-    return nn.Dense(width, dtype=self.dtype, name='fc2')(x)
-
-
 class PartitionAttention(nn.Module):
   """Attention over windows (`grid=False`) or strided grids, then the MLP; pre-norm residuals."""
 
@@ -234,7 +221,7 @@ class PartitionAttention(nn.Module):
     y = merge(y.reshape(-1, *self.partition, c), self.partition, h, w)
     x = x + DropPath(self.drop_path)(y, self.train)
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name='norm2')(x)
-    y = Mlp(EXPAND_RATIO * c, self.dtype, name='mlp')(y)
+    y = swin.Mlp(EXPAND_RATIO * c, self.dtype, approximate_gelu=True, name='mlp')(y)
     return x + DropPath(self.drop_path)(y, self.train)
 
 

@@ -19,23 +19,11 @@ import numpy as np
 from flax import traverse_util
 
 from vit_jax_ft.models.neighborhood_attention import NeighborhoodAttention2D
+from vit_jax_ft.models.swin import Mlp
 
 Dtype = Any
 # PyTorch's LayerNorm epsilon, which the authors' models use.
 LAYER_NORM_EPS = 1e-5
-
-
-class Mlp(nn.Module):
-  """fc1, exact GELU, fc2."""
-
-  hidden: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x), approximate=False)
-    return nn.Dense(width, dtype=self.dtype, name='fc2')(x)
 
 
 class NATLayer(nn.Module):

@@ -135,15 +135,17 @@ class WindowAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """fc1, exact GELU, fc2."""
+  """timm's Mlp: fc1, GELU (exact; tanh for the TensorFlow ports), fc2."""
 
   hidden: int
   dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x), approximate=False)
+    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x),
+                approximate=self.approximate_gelu)
     return nn.Dense(width, dtype=self.dtype, name='fc2')(x)
 
 
