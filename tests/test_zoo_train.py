@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 import pytest
 import safetensors.numpy
 
@@ -213,6 +214,19 @@ def _independent_head(family, params, activation):
     return (x - mean) / jnp.sqrt(((x - mean)**2).mean(-1, keepdims=True) + eps) * scale + bias
   if family == 'resnet_v1':
     pooled, head = activation.mean(axis=(1, 2)), params['fc']
+  elif family == 'maxvit':  # Mean, norm, tanh pre-logits, classifier (timm's NormMlp head).
+    norm, head = params['head']['norm'], params['head']['pre_logits']['fc']
+    pooled = jnp.tanh(layer_norm(activation.mean(axis=(1, 2)), norm['scale'], norm['bias'],
+                                 1e-5) @ head['kernel'] + head['bias'])
+    head = params['head']['fc']
+  elif family == 'davit':  # Mean, then the norm.
+    norm = params['norm']
+    pooled = layer_norm(activation.mean(axis=(1, 2)), norm['scale'], norm['bias'], 1e-5)
+    head = params['head']['fc']
+  elif family == 'nat':
+    norm = params['norm']
+    pooled = layer_norm(activation, norm['scale'], norm['bias'], 1e-5).mean(axis=(1, 2))
+    head = params['head']
   elif family == 'swin':
     norm = params['norm']
     pooled = layer_norm(activation, norm['scale'], norm['bias'], 1e-5).mean(axis=(1, 2))
@@ -224,20 +238,22 @@ def _independent_head(family, params, activation):
   return pooled @ head['kernel'] + head['bias']
 
 
-@pytest.mark.parametrize('family', ['mixer', 'resnet_v1', 'swin'])
+@pytest.mark.parametrize('family', sorted(tiny_zoo_config.MODELS))
 def test_gradcam_is_on_the_last_stage_and_its_gradient_is_the_heads(family):
   name, options = tiny_zoo_config.MODELS[family]
   model = get_model(name, 3, **options)
   images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  variables = jax.device_get(model.init(jax.random.PRNGKey(0), images[:1]))
+  variables = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), images[:1]))
   variables['params'] = random_params(variables['params'])
   if 'batch_stats' in variables:
     variables['batch_stats'] = random_batch_stats(variables['batch_stats'])
   activation, gradient, logits = gradcam.activation_and_gradient(
       model, variables, images, class_index=np.array([1, 2]))
-  grid = {'resnet_v1': (1, 1, 32), 'swin': (4, 4, 32), 'mixer': (4, 4, 16)}[family]
+  grid = {'resnet_v1': (1, 1, 32), 'swin': (4, 4, 32), 'mixer': (4, 4, 16),
+          'maxvit': (4, 4, 16), 'davit': (4, 4, 16), 'nat': (4, 4, 16)}[family]
   assert activation.shape == gradient.shape == (2,) + grid
-  np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, jax.jit(model.apply)(variables, images), rtol=1e-5,
+                             atol=1e-5)
 
   def score(x):
     out = _independent_head(family, variables['params'], x)
@@ -246,7 +262,9 @@ def test_gradcam_is_on_the_last_stage_and_its_gradient_is_the_heads(family):
   expected, out = jax.grad(score, has_aux=True)(jnp.asarray(activation))
   np.testing.assert_allclose(out, logits, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-6)
-  cams = gradcam.gradcam(model, variables, images)
+  # The public entry point once (it compiles the model twice more).
+  cams = (gradcam.gradcam(model, variables, images) if family == 'resnet_v1' else
+          gradcam.cam_from(activation, gradient))
   assert cams.shape == (2,) + grid[:2] and cams.min() >= 0 and cams.max() <= 1
 
 
@@ -345,10 +363,12 @@ def test_each_family_fine_tunes_resumes_exactly_and_evaluates(family, digits_fol
                                                               caplog):
   loaded, config, final = _fine_tune_killed_and_resumed(family, digits_folder, tmp_path, caplog)
   assert type(loaded.model).__name__ == {'mixer': 'MlpMixer', 'resnet_v1': 'ResNetV1',
-                                         'swin': 'SwinTransformer'}[family]
-  assert (loaded.batch_stats is not None) == (family == 'resnet_v1')
+                                         'swin': 'SwinTransformer', 'maxvit': 'MaxVit'}[family]
+  assert (loaded.batch_stats is not None) == (family in ('resnet_v1', 'maxvit'))
   if loaded.batch_stats is not None:  # Trained in 'train' mode: the statistics (init 1) moved.
-    assert np.abs(np.asarray(loaded.batch_stats['bn1']['var']) - 1).max() > 1e-3
+    variances = [np.asarray(v) for path, v in traverse_util.flatten_dict(
+        loaded.batch_stats).items() if path[-1] == 'var']
+    assert max(np.abs(v - 1).max() for v in variances) > 1e-3
   test_files = sorted((digits_folder / 'test').glob('*/*.png'))
   assert final['num_examples'] == len(test_files) and np.isfinite(final['loss'])
   assert 0 < final['macro_f1'] <= 1 and final['seconds_per_image'] > 0

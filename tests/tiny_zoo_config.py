@@ -13,6 +13,11 @@ MODELS = {
              dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)),
     'mixer': ('Mixer-B_16', dict(patch_size=(8, 8), hidden_dim=16, num_blocks=2,
                                  tokens_mlp_dim=8, channels_mlp_dim=32)),
+    'maxvit': ('maxvit_tiny_tf_224', dict(embed_dim=(8, 16), depths=(1, 1), stem_width=8,
+                                          head_hidden_size=16, head_dim=4)),
+    'davit': ('davit_tiny', dict(embed_dims=(8, 16), depths=(1, 1), num_heads=(2, 2))),
+    'nat': ('nat_mini', dict(embed_dim=8, depths=(1, 1), num_heads=(2, 2),
+                             dilations=((1,), (1,)))),
 }
 
 

@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al. 2017) for ViT, hybrid ViT, BiT, ResNet v1, Swin and Mixer.
+"""Grad-CAM (Selvaraju et al. 2017) for every model family of `vit_jax_ft.models`.
 
 The target activation is where spatial evidence last lives before pooling:
 - ViT: the tokens entering the last encoder block (its output only reaches
@@ -6,7 +6,8 @@ The target activation is where spatial evidence last lives before pooling:
   input is the last place gradients reach every patch);
 - BiT and ResNet v1: the feature map leaving the last stage (its last block);
 - Swin: the (batch, h, w, channels) grid leaving the last stage, before the final norm;
-- Mixer: the patch tokens leaving the last block, as their grid.
+- Mixer: the patch tokens leaving the last block, as their grid;
+- MaxViT, DaViT, NAT/DiNAT: the (batch, h, w, channels) map leaving the last stage.
 It is caught with `flax.linen.intercept_methods`, so the models need no hooks.
 """
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
@@ -17,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax_ft.explain.attention import has_class_token, token_grid
+from vit_jax_ft.models.davit import DaVit
+from vit_jax_ft.models.maxvit import MaxVit
 from vit_jax_ft.models.mixer import MlpMixer
+from vit_jax_ft.models.nat import NAT
 from vit_jax_ft.models.resnet import BIT_BLOCK_SIZES, BitResNet
 from vit_jax_ft.models.resnet_v1 import ResNetV1
 from vit_jax_ft.models.swin import SwinTransformer
@@ -69,9 +73,16 @@ def _mixer_target(model: MlpMixer, params: Mapping[str, Any]) -> Target:
   return Target(f'MixerBlock_{model.num_blocks - 1}', False, to_grid)
 
 
+def _last_stage_target(prefix: str) -> Callable[[nn.Module, Mapping[str, Any]], Target]:
+  """The map leaving the last of the stages named `{prefix}{i}`."""
+  return lambda model, params: Target(f'{prefix}{len(model.depths) - 1}', False, lambda x: x)
+
+
 # Model class -> where its Grad-CAM activation is.
 TARGETS = {VisionTransformer: _vit_target, BitResNet: _bit_target, ResNetV1: _resnet_v1_target,
-           SwinTransformer: _swin_target, MlpMixer: _mixer_target}
+           SwinTransformer: _swin_target, MlpMixer: _mixer_target,
+           MaxVit: _last_stage_target('stages_'), DaVit: _last_stage_target('stages_'),
+           NAT: _last_stage_target('levels_')}
 
 
 def activation_and_gradient(model: nn.Module, variables: Mapping[str, Any],
