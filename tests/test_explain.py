@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import random_params
 from numpy_reference import conv2d, layer_norm
-from vit_jax_ft import checkpoint
+from vit_jax_ft import checkpoint, defaults, run_dir
 from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
-from vit_jax_ft.explain.__main__ import FIGURES, missing
+from vit_jax_ft.explain.__main__ import FIGURES, Inputs, missing
 from vit_jax_ft.models import get_model
 from vit_jax_ft.models.resnet import BitGroupNorm
 
@@ -280,3 +280,18 @@ def test_cli_draws_every_figure_of_a_released_checkpoint(tmp_path):
                             'embedding_filters.png', 'attention_distance.png'])
   for name in written:
     assert_png(tmp_path / 'out' / name)
+
+
+@pytest.mark.parametrize('model_name, test_ops, mean, std', [
+    ('resnet50', None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm's ImageNet.
+    ('ViT-B_16', None, (0.5,) * 3, (0.5,) * 3),  # The official [-1, 1].
+    ('resnet50', 'decode|resize(8)|value_range(-1,1)', (0.5,) * 3, (0.5,) * 3),
+])
+def test_figures_show_the_images_as_they_were_before_normalisation(model_name, test_ops, mean,
+                                                                    std):
+  config = defaults.get_config()
+  config.model_name, config.pp.test_ops = model_name, test_ops
+  rgb = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3))
+  inputs = Inputs(run_dir.Loaded(config, None, None, [], 0), [], (rgb - mean) / np.asarray(std),
+                  None, '')
+  np.testing.assert_allclose(inputs.display_images, rgb, atol=1e-12)

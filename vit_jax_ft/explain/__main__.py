@@ -8,8 +8,9 @@ r"""Figures of what a model attends to and learns, as PNG files.
 Figures (`--figures`, default `all`: every one that the inputs allow):
   attention  class-token attention per layer and head, one PNG per image
   rollout    attention rollout through all layers (Abnar & Zuidema 2020)
-  gradcam    Grad-CAM of the predicted (or --class_index) class; every family (ViT,
-             hybrid, BiT, ResNet v1 and Swin on their last stage, Mixer on its last block)
+  gradcam    Grad-CAM of the predicted (or --class_index) class; every family (the ViT's
+             last block input, the last stage of the CNNs and hierarchical transformers,
+             Mixer's last block)
   posembed   cosine similarity of the position embeddings (grid of grids)
   filters    principal components of the RGB patch-embedding filters
   distance   mean attention distance per head against depth, over the images
@@ -25,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 from absl import app, flags, logging
 
-from vit_jax_ft import logs, memory, predict, run_dir
+from vit_jax_ft import logs, memory, models, predict, run_dir
 from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
 from vit_jax_ft.models.vit import VisionTransformer
 
@@ -48,6 +49,18 @@ class Inputs:
     return os.path.join(self.output_dir, name)
 
   @functools.cached_property
+  def display_images(self) -> np.ndarray:
+    """The images in [0, 1], undoing the model's input normalisation: its convention's mean
+    and std under the default ops; explicit `pp.test_ops` end in `value_range(-1,1)` here."""
+    config = self.loaded.config
+    if config.pp.test_ops is None:
+      convention = models.input_convention(config.model_name)
+      mean, std = np.asarray(convention.mean), np.asarray(convention.std)
+    else:
+      mean = std = np.full(3, 0.5)
+    return self.images * std + mean
+
+  @functools.cached_property
   def attention(self) -> np.ndarray:
     """Attention weights of all layers for the images, computed once for all figures."""
     return attention.attention_weights(self.loaded.model, self.loaded.params, self.images)
@@ -66,13 +79,13 @@ class Inputs:
 def _attention(inputs: Inputs) -> List[str]:
   maps = attention.class_token_maps(inputs.attention)
   return [figures.attention_maps(image, maps[:, i], inputs.path(f'attention_{i}.png'))
-          for i, image in enumerate(inputs.images)]
+          for i, image in enumerate(inputs.display_images)]
 
 
 def _rollout(inputs: Inputs) -> List[str]:
   maps = attention.rollout_maps(inputs.attention,
                                 attention.has_class_token(inputs.loaded.params))
-  return [figures.heat_overlays(inputs.images, maps, inputs.path('rollout.png'),
+  return [figures.heat_overlays(inputs.display_images, maps, inputs.path('rollout.png'),
                                 inputs.titles, 'attention rollout')]
 
 
@@ -81,7 +94,7 @@ def _gradcam(inputs: Inputs) -> List[str]:
                  else np.full(len(inputs.images), inputs.class_index))
   maps = gradcam.gradcam(inputs.loaded.model, inputs.loaded.variables, inputs.images,
                          class_index)
-  return [figures.heat_overlays(inputs.images, maps, inputs.path('gradcam.png'),
+  return [figures.heat_overlays(inputs.display_images, maps, inputs.path('gradcam.png'),
                                 inputs.titles, 'Grad-CAM')]
 
 

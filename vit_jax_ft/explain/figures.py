@@ -29,8 +29,8 @@ def _save(figure: Figure, path: str) -> str:
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
-  """A model input in [-1, 1] as an RGB image in [0, 1]."""
-  return np.clip((np.asarray(image, np.float32) + 1) / 2, 0, 1)
+  """An RGB image in [0, 1] (`Inputs.display_images`: model inputs un-normalised), clipped."""
+  return np.clip(np.asarray(image, np.float32), 0, 1)
 
 
 def _overlay(ax, image: np.ndarray, heat: Optional[np.ndarray], title: str = '') -> None:
