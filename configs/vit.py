@@ -4,13 +4,14 @@ r"""Fine-tunes a released ViT on a dataset with the paper's recipe.
       --config.pretrained_dir=checkpoints/imagenet21k
 
 MODEL is a short name (`ti16`, `s16`, `b16`, `l16`, `h14`, `b8`, `s32`, `b32`, `l32`,
-`r50_b16`, ...) or an official name (`ViT-B_16`); DATASET a preset of vit_jax_ft/defaults.py.
+`r50_b16`, ...) or any registry name (`ViT-B_16`, `swin_base_patch4_window7_224`, `resnet50`,
+...); DATASET a preset of vit_jax_ft/defaults.py.
 """
 import os
 
 import ml_collections
 
-from vit_jax_ft import defaults
+from vit_jax_ft import defaults, hub
 
 # Paths in this file are relative to the repository holding it, not to the current folder.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,11 @@ def get_config(model_dataset: str = 'b16,cifar10') -> ml_collections.ConfigDict:
   model, dataset = model_dataset.split(',')
   config = defaults.with_dataset(defaults.get_config(), dataset)
   config.model_name = SHORT_NAMES.get(model, model)
-  # Where `python -m vit_jax_ft.hub fetch` puts them when run from the repository root.
-  config.pretrained_dir = os.path.join(REPO, 'checkpoints', 'imagenet21k')
+  # Where `python -m vit_jax_ft.hub fetch` puts the model's public file when run from the
+  # repository root: checkpoints/imagenet21k/ for the official ViTs, checkpoints/timm/ for timm's.
+  public = hub.pretrained_file(config.model_name)
+  config.pretrained_dir = os.path.join(
+      REPO, 'checkpoints', os.path.dirname(public.local_path) if public else 'imagenet21k')
   if model == 'b16' and dataset == 'cifar10':
     config.base_lr = 0.01  # As in the official configs/vit.py.
   return config

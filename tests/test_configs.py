@@ -1,4 +1,6 @@
 """The documented configs resolve to the paper's settings and to checkpoints by name."""
+import os
+
 import pytest
 
 from configs import augreg, vit
@@ -48,3 +50,15 @@ def test_missing_pretrained_dir_file_says_how_to_fetch_it(tmp_path):
     train.pretrained_path(config)
   config.pretrained_dir = ''
   assert train.pretrained_path(config) is None
+
+
+def test_vit_config_looks_for_each_model_where_hub_fetch_puts_it():
+  from configs import vit  # pylint: disable=import-outside-toplevel
+  from vit_jax_ft import pretrained  # pylint: disable=import-outside-toplevel
+  config = vit.get_config('b16,cifar10')
+  assert config.pretrained_dir == os.path.join(vit.REPO, 'checkpoints', 'imagenet21k')
+  config = vit.get_config('swin_base_patch4_window7_224,cifar10')
+  assert config.pretrained_dir == os.path.join(vit.REPO, 'checkpoints', 'timm')
+  config.pretrained_dir = '/nonexistent/timm'
+  with pytest.raises(FileNotFoundError, match='hub fetch timm/swin_base_patch4_window7_224'):
+    pretrained.pretrained_path(config)
