@@ -53,7 +53,6 @@ def test_missing_pretrained_dir_file_says_how_to_fetch_it(tmp_path):
 
 
 def test_vit_config_looks_for_each_model_where_hub_fetch_puts_it():
-  from configs import vit  # pylint: disable=import-outside-toplevel
   from vit_jax_ft import pretrained  # pylint: disable=import-outside-toplevel
   config = vit.get_config('b16,cifar10')
   assert config.pretrained_dir == os.path.join(vit.REPO, 'checkpoints', 'imagenet21k')
