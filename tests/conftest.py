@@ -1,5 +1,8 @@
 """Shared test set-up: full-precision float32 matmuls, the shared data folder, helpers."""
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +12,18 @@ from flax import traverse_util
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def run_on_eight_devices(script: str) -> None:
+  """Runs `script` in a fresh process with 8 CPU devices; it must print SAME."""
+  path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get('PYTHONPATH', '')])
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=path, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'SAME' in out.stdout
 
 
 @pytest.fixture

@@ -1,17 +1,12 @@
 """train_step: gradient accumulation and data parallelism give the plain large-batch update."""
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import run_on_eight_devices
 from vit_jax_ft import defaults, models, optim, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_setup(batch=16, num_classes=5, seed=0):
@@ -97,13 +92,7 @@ print('SAME')
 
 
 def test_one_step_on_eight_devices_equals_one_device():
-  path = os.pathsep.join([str(ROOT), str(ROOT / 'tests'), os.environ.get('PYTHONPATH', '')])
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=path, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', EIGHT_DEVICE_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'SAME' in out.stdout
+  run_on_eight_devices(EIGHT_DEVICE_SCRIPT)
 
 
 def test_frozen_parameters_stay_and_grad_norm_covers_only_trained_ones():

@@ -21,7 +21,7 @@ import safetensors.numpy
 
 import tiny_zoo_config
 from configs.studies import compare_models
-from conftest import random_params
+from conftest import random_params, run_on_eight_devices
 from test_train_e2e import digits_folder, read_log  # noqa: F401  (a fixture)
 from vit_jax_ft import (checkpoint, data, defaults, hub, linear_probe, metrics, optim,
                         parallel, predict, run_dir, studies, train)
@@ -156,13 +156,7 @@ print('SAME')
 
 def test_batch_statistics_on_eight_devices_equal_one_device():
   """Each micro-batch of 8 spans all 8 devices: the statistics are those of the global batch."""
-  path = os.pathsep.join([str(ROOT), str(ROOT / 'tests'), os.environ.get('PYTHONPATH', '')])
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=path, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', EIGHT_DEVICE_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'SAME' in out.stdout
+  run_on_eight_devices(EIGHT_DEVICE_SCRIPT)
 
 
 def test_pretrained_statistics_are_kept_and_the_head_replaced(tmp_path):

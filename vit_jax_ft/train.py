@@ -4,7 +4,7 @@ Data parallel through `jax.jit` over a 1-D device mesh: parameters replicated, b
 sharded, so the mean loss is over the global batch and gradients are averaged over
 devices and hosts by construction. One step on 8 devices equals one step on 1 device.
 
-BatchNorm models (ResNet v1) carry their running statistics in `TrainState.batch_stats`.
+BatchNorm models (ResNet v1, MaxViT) carry their running statistics in `TrainState.batch_stats`.
 With `config.batch_norm='train'` the step normalises with the statistics of its batch (the
 global batch, or the global micro-batch with accumulation: the mean over a sharded axis
 is a cross-device reduction under jit, so the statistics are synchronised by construction)
