@@ -106,13 +106,14 @@ def commands(root: pathlib.Path, folder: pathlib.Path, start: pathlib.Path
 
 
 def run(argv: List[str], env: Dict[str, str], workdir: pathlib.Path) -> Tuple[float, float]:
-  """Wall and children's CPU seconds of one command."""
+  """Wall and children's CPU seconds of one command; its output goes to `workdir`.log."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
   result = subprocess.run(argv + [f'--workdir={workdir}'], env=env, cwd=workdir.parent,
                           capture_output=True, text=True, check=False)
   wall = time.perf_counter() - t0
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  workdir.with_suffix('.log').write_text(result.stdout + result.stderr)
   if result.returncode:
     raise RuntimeError(f'{argv[:3]} failed ({result.returncode}):\n{result.stderr[-3000:]}')
   return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

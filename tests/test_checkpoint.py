@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from conftest import random_params
 from numpy_reference import bit_forward
-from vit_jax_ft import checkpoint, paths
+from vit_jax_ft import checkpoint, defaults, paths, train
 from vit_jax_ft.models import get_model
 
 SIZE = 32
@@ -351,3 +351,21 @@ def test_non_square_grid_is_a_clear_error(tmp_path):
   fresh['Transformer']['posembed_input']['pos_embedding'] = np.zeros((1, 1 + 6, 16), np.float32)
   with pytest.raises(checkpoint.CheckpointError, match='square'):
     checkpoint.load_pretrained(str(tmp_path / 'p.npz'), fresh)
+
+
+@pytest.mark.parametrize('pretrained', [True, False])
+def test_training_starts_from_the_file_and_the_head_of_the_whole_init(tmp_path, pretrained):
+  model = tiny_vit(head_hidden=(8,))  # A hidden head layer: random init, unlike the head.
+  config = defaults.get_config()
+  config.pp.crop, config.seed = SIZE, 7
+  path = str(tmp_path / 'start.npz')
+  checkpoint.save(init(model, seed=3), path)
+  config.pretrained_path = path if pretrained else ''
+  got = train.initial_variables(config, model)
+  whole = jax.device_get(jax.jit(lambda rng: model.init(
+      rng, jnp.zeros((1, SIZE, SIZE, 3)), train=False))(jax.random.PRNGKey(7)))
+  want = checkpoint.load_pretrained_variables(path, whole) if pretrained else whole
+  assert sorted(got) == ['params']
+  assert_same_tree(got['params'], want['params'])
+  file_head = flat(checkpoint.load(path))['head_hidden_0/kernel']
+  assert not np.array_equal(flat(got['params'])['head_hidden_0/kernel'], file_head)

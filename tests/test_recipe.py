@@ -299,8 +299,6 @@ def test_resumed_run_with_every_knob_equals_the_uninterrupted_one(digits, tmp_pa
   monkeypatch.undo()
   saved = _final_state(tmp_path / 'resumed', 18)
   resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  timed = 'seconds_per_image'  # A wall time, the one metric that may differ.
-  assert resumed.pop(timed) > 0 and reference.pop(timed) > 0
   assert resumed == reference
   want, got = _final_state(tmp_path / 'reference'), _final_state(tmp_path / 'resumed')
   assert jax.tree.structure(want) == jax.tree.structure(got)

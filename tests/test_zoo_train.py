@@ -298,6 +298,7 @@ def test_comparison_study_reports_accuracy_macro_f1_and_time_in_one_table(tmp_pa
     name = os.path.basename(workdir)
     top1, f1, ms = scores.get(name, (0.0, 0.0, 9.0))
     on_dev = cell_config.pp.test == config.sweep.dev_split
+    assert cell_config.time_inference  # The runner times every cell's final model.
     return {'accuracy_top1': top1 if on_dev else top1 + 0.01, 'accuracy_top5': 1.0,
             'macro_f1': f1, 'seconds_per_image': ms / 1e3, 'loss': 0.0, 'num_examples': 1}
 
@@ -343,6 +344,7 @@ def _fine_tune_killed_and_resumed(family, digits, tmp_path, caplog):
   for step in (4, 6):
     shutil.rmtree(killed / 'checkpoints' / str(step))
   config = tiny_zoo_config.get_config(dataset)
+  config.time_inference = True  # As the studies' runner sets it.
   with caplog.at_level(logging.INFO):
     final = train.train_and_evaluate(config, str(killed))
   assert 'Resumed from the checkpoint of step 2' in caplog.text

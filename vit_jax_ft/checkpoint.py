@@ -351,10 +351,17 @@ def load_pretrained(path: str, init_params: Mapping[str, Any]) -> Params:
   return adapt(load(path), init_params, source=path)
 
 
+def head_of(variables: Mapping[str, Params]) -> Dict[str, Dict[str, Any]]:
+  """The flat (`a/b/c`) entries of each collection that `adapt` takes from a fresh init."""
+  return {name: {k: v for k, v in traverse_util.flatten_dict(dict(tree), sep='/').items()
+                 if _HEAD.match(k)} for name, tree in variables.items()}
+
+
 def load_pretrained_variables(path: str, init_variables: Mapping[str, Params]
                               ) -> Dict[str, Params]:
   """`load_pretrained` for every collection of `init_variables` (`'params'`, and
-  `'batch_stats'` for BatchNorm models): the head starts afresh, the statistics are the file's."""
+  `'batch_stats'` for BatchNorm models): the head starts afresh, the statistics are the file's.
+  Only the head of `init_variables` needs values (`head_of`); the rest may be shapes."""
   return adapt_variables(load_variables(path), init_variables, source=path)
 
 

@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
-from flax import struct
+from flax import struct, traverse_util
 from tensorflow.io import gfile
 
 from vit_jax_ft import (checkpoint, checkpointing, data, defaults, image_size, logs, memory,
@@ -87,21 +87,33 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
+def initial_variables(config: ml_collections.ConfigDict, model: nn.Module) -> Dict[str, Any]:
+  """The variables training starts from, on the host: the pretrained file's with a fresh head,
+  or a fresh init. With a file only the head is computed (XLA drops the rest of the init, which
+  would take seconds to compile); its values equal those of the whole init."""
+  size = config.pp.crop
+  rng = jax.device_put(jax.random.PRNGKey(config.seed), jax.local_devices(backend='cpu')[0])
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+    return variables_of(variables['params'], variables.get('batch_stats'))
+  path = pretrained_path(config)
+  if not path:
+    logging.warning('No pretrained checkpoint: training %s from scratch.', config.model_name)
+    return jax.device_get(jax.jit(init)(rng))
+  logging.info('Loading pretrained weights from %s', path)
+  head = jax.device_get(jax.jit(lambda rng: checkpoint.head_of(init(rng)))(rng))
+  template = {name: traverse_util.unflatten_dict(
+      {**traverse_util.flatten_dict(tree, sep='/'), **head[name]}, sep='/')
+              for name, tree in jax.eval_shape(init, rng).items()}
+  return checkpoint.load_pretrained_variables(path, template)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                        tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
                        ) -> TrainState:
-  """Initialises the model, loads the pretrained start and the optimiser, replicated."""
-  size = config.pp.crop
-  init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False),
-                 backend='cpu')
-  variables = jax.device_get(init(jax.random.PRNGKey(config.seed)))
-  variables = variables_of(variables['params'], variables.get('batch_stats'))
-  path = pretrained_path(config)
-  if path:
-    logging.info('Loading pretrained weights from %s', path)
-    variables = checkpoint.load_pretrained_variables(path, variables)
-  else:
-    logging.warning('No pretrained checkpoint: training %s from scratch.', config.model_name)
+  """The model's initial variables (`initial_variables`) and the optimiser, replicated."""
+  variables = initial_variables(config, model)
   # The average starts at the first parameters, in buffers of its own (the state is donated).
   ema_params = parallel.replicate(mesh, variables['params']) if config.ema_decay else None
   variables = parallel.replicate(mesh, variables)
@@ -389,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                       f'{prefix}accuracy_top5': result.top5, f'{prefix}loss': result.loss})
     metrics['macro_f1'] = results[''].macro_f1
     metrics['num_examples'] = results[''].num_examples
-    if step >= config.total_steps:  # The final model: how fast it classifies (studies).
+    if config.time_inference and step >= config.total_steps:  # How fast it classifies.
       metrics['seconds_per_image'] = time_per_image(eval_fn, state.variables, mesh,
                                                     config.batch_eval, config.pp.crop)
     writer.write_scalars(step, {f'test_{k}': v for k, v in metrics.items()})
@@ -450,7 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           scalars = jax.device_get(step_metrics)
           writer.write_scalars(step, {
               'train_loss': scalars['loss'], 'grad_norm': scalars['grad_norm'],
-              'learning_rate': lr_fn(step - 1) * optim.plateau_scale(state.opt_state),
+              # Host numbers: the writer's thread must not read device arrays later.
+              'learning_rate': float(lr_fn(step - 1) * optim.plateau_scale(state.opt_state)),
               'images_per_sec': images_per_sec,
               'images_per_sec_per_device': images_per_sec / jax.device_count()})
           logging.info('Step %d/%d: loss %.4f, %.1f images/s, ETA %s', step,

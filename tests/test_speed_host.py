@@ -1,0 +1,76 @@
+"""The host keeps ahead of the devices: no device->host sync per step outside the report, save
+and evaluation steps, batches placed on the devices before the step asks, the state donated."""
+import jax
+import numpy as np
+
+import tiny_config
+from test_train_e2e import digits_folder  # noqa: F401  (a fixture)
+from vit_jax_ft import optim, parallel, train
+
+
+def test_the_loop_syncs_with_the_devices_only_at_report_save_and_final_steps(
+    digits_folder, tmp_path, monkeypatch):  # noqa: F811
+  config = tiny_config.get_config(str(digits_folder))
+  config.total_steps, config.warmup_steps = 12, 2
+  config.progress_every, config.checkpoint_every, config.eval_every = 5, 8, 0
+  steps_run, syncs = [], []
+  jit_train_step = train.jit_train_step
+
+  def counted(*args, **kwargs):
+    step_fn = jit_train_step(*args, **kwargs)
+
+    def run(state, batch):
+      steps_run.append(len(steps_run) + 1)
+      return step_fn(state, batch)
+    return run
+  monkeypatch.setattr(train, 'jit_train_step', counted)
+
+  def recorded(real):
+    def call(*args, **kwargs):
+      syncs.append(len(steps_run))
+      return real(*args, **kwargs)
+    return call
+  for name in ('device_get', 'block_until_ready'):
+    monkeypatch.setattr(jax, name, recorded(getattr(jax, name)))
+  # Implicit reads of a device array (float(x), np.asarray(x), `if x:`) wait for it too, in
+  # any thread (the metric writer's included).
+  array_type = type(jax.numpy.zeros(()))
+  for name in ('__array__', '__float__', '__int__', '__bool__', '__index__', 'item', 'tolist'):
+    monkeypatch.setattr(array_type, name, recorded(getattr(array_type, name)))
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert steps_run == list(range(1, 13))
+  # Step 1 starts the throughput window; 5 and 10 report, 8 saves, 12 reports, saves, evaluates.
+  synced = {step for step in syncs if step > 0}
+  assert {5, 10, 12} <= synced <= {1, 5, 8, 10, 12}
+
+
+def test_batches_are_on_the_devices_one_ahead_of_the_step():
+  mesh = parallel.create_mesh()
+  pulled = []
+
+  def batches():
+    for i in range(4):
+      pulled.append(i)
+      yield {'image': np.full((8, 3), i, np.float32)}
+  placed = parallel.prefetch_to_mesh(mesh, batches(), 2)
+  first = next(placed)
+  assert pulled == [0, 1]  # The next batch is already on its way while this one trains.
+  assert isinstance(first['image'], jax.Array)
+  assert first['image'].sharding.is_equivalent_to(parallel.batch_sharded(mesh), 2)
+  assert [int(b['image'][0, 0]) for b in placed] == [1, 2, 3] and pulled == [0, 1, 2, 3]
+
+
+def test_the_step_donates_the_state_it_replaces():
+  config = tiny_config.get_config()
+  model = train.build_model(config, 3)
+  tx = optim.make_optimizer(config)
+  mesh = parallel.create_mesh()
+  state = train.create_train_state(config, model, tx, mesh)
+  batch = parallel.to_global(mesh, {'image': np.zeros((8, 16, 16, 3), np.float32),
+                                    'label': np.zeros((8,), np.int32)})
+  step_fn = train.jit_train_step(model, tx, accum_steps=1, seed=0)
+  new_state, _ = step_fn(state, batch)
+  jax.block_until_ready(new_state)
+  assert all(x.is_deleted() for x in jax.tree.leaves((state.params, state.opt_state)))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(new_state.params))
+  assert int(new_state.step) == 1
