@@ -1,7 +1,13 @@
 """The host keeps ahead of the devices: no device->host sync per step outside the report, save
 and evaluation steps, batches placed on the devices before the step asks, the state donated."""
+import os
+import platform
+import subprocess
+import sys
+
 import jax
 import numpy as np
+import pytest
 
 import tiny_config
 from test_train_e2e import digits_folder  # noqa: F401  (a fixture)
@@ -74,3 +80,42 @@ def test_the_step_donates_the_state_it_replaces():
   assert all(x.is_deleted() for x in jax.tree.leaves((state.params, state.opt_state)))
   assert not any(x.is_deleted() for x in jax.tree.leaves(new_state.params))
   assert int(new_state.step) == 1
+
+
+# In a fresh process: glibc raises its mmap threshold to the size of a mapped block when that
+# block is freed, so buffers the size of XLA's temporaries come from the heap and their pages
+# are reused, unless something fixed the threshold with mallopt (TF's `from_generator` op does:
+# 128 KiB for the whole process, and every step then page-faults its buffers afresh).
+_MAPPED_AFTER_A_FREE = r"""
+import ctypes, sys
+import tiny_config
+from vit_jax_ft import data
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped_after_a_free(size=8 << 20):
+  libc.free(libc.malloc(size))
+  block = libc.malloc(size)
+  mapped = bool(ctypes.c_size_t.from_address(block - 8).value & 2)  # glibc's IS_MMAPPED bit
+  libc.free(block)
+  return mapped
+
+config = tiny_config.get_config(sys.argv[1])
+for split in (data.get_train_data(config), data.get_eval_data(config)):
+  next(iter(split))
+print('ours', mapped_after_a_free())
+import tensorflow as tf
+next(iter(tf.data.Dataset.from_generator(lambda: iter([1]), output_types=tf.int32)))
+print('from_generator', mapped_after_a_free())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc only')
+def test_the_input_pipeline_leaves_the_allocators_mmap_threshold_alone(digits_folder):  # noqa: F811
+  out = subprocess.run([sys.executable, '-c', _MAPPED_AFTER_A_FREE, str(digits_folder)],
+                       capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+  lines = out.stdout.split('\n')
+  assert 'ours False' in lines  # The heap serves the block again: its pages stay mapped.
+  assert 'from_generator True' in lines  # The probe sees a fixed threshold.

@@ -73,16 +73,20 @@ class InMemory:
     """This host's part of each global batch from `start_step` on, forever."""
     local = global_batch // process_count
 
-    def records():
-      step = start_step
-      while True:
-        g = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
-        yield {'index': self.order.indices(g), 'position': g}
-        step += 1
+    def positions_and_indices(step: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+      g = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+      return g, self.order.indices(g)
 
-    spec = tf.TensorSpec([local], tf.int64)
-    return tf.data.Dataset.from_generator(records, output_signature={'index': spec,
-                                                                     'position': spec})
+    def records(step):
+      # Not `from_generator`: its op fixes glibc's mmap threshold at 128 KiB for the whole
+      # process (TF's Python 3.11 patch), so every XLA buffer above it is mapped and
+      # page-faulted afresh on each step (measured: twice the page faults of the step).
+      position, index = tf.numpy_function(positions_and_indices, [step],
+                                          (tf.int64, tf.int64), stateful=False)
+      return {'index': tf.ensure_shape(index, [local]),
+              'position': tf.ensure_shape(position, [local])}
+
+    return tf.data.Dataset.counter(start_step).map(records)
 
   def eval_records(self, global_batch: int, process_index: int,
                    process_count: int) -> tf.data.Dataset:
