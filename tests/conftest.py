@@ -15,11 +15,15 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 TESTS = pathlib.Path(__file__).resolve().parent
 
 
+def fresh_process_env(**extra: str) -> dict:
+  """The environment of a fresh Python process that imports the package and the tests' modules."""
+  path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get('PYTHONPATH', '')])
+  return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS='cpu', **extra)
+
+
 def run_on_eight_devices(script: str) -> None:
   """Runs `script` in a fresh process with 8 CPU devices; it must print SAME."""
-  path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get('PYTHONPATH', '')])
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=path, JAX_PLATFORMS='cpu')
+  env = fresh_process_env(XLA_FLAGS='--xla_force_host_platform_device_count=8')
   out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

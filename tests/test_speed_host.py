@@ -1,6 +1,5 @@
 """The host keeps ahead of the devices: no device->host sync per step outside the report, save
 and evaluation steps, batches placed on the devices before the step asks, the state donated."""
-import os
 import platform
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import tiny_config
+from conftest import fresh_process_env
 from test_train_e2e import digits_folder  # noqa: F401  (a fixture)
 from vit_jax_ft import optim, parallel, train
 
@@ -89,6 +89,7 @@ def test_the_step_donates_the_state_it_replaces():
 _MAPPED_AFTER_A_FREE = r"""
 import ctypes, sys
 import tiny_config
+from conftest import fresh_process_env
 from vit_jax_ft import data
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -114,8 +115,7 @@ print('from_generator', mapped_after_a_free())
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc only')
 def test_the_input_pipeline_leaves_the_allocators_mmap_threshold_alone(digits_folder):  # noqa: F811
   out = subprocess.run([sys.executable, '-c', _MAPPED_AFTER_A_FREE, str(digits_folder)],
-                       capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                       capture_output=True, text=True, check=True, env=fresh_process_env())
   lines = out.stdout.split('\n')
   assert 'ours False' in lines  # The heap serves the block again: its pages stay mapped.
   assert 'from_generator True' in lines  # The probe sees a fixed threshold.
