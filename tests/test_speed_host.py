@@ -85,37 +85,57 @@ def test_the_step_donates_the_state_it_replaces():
 # In a fresh process: glibc raises its mmap threshold to the size of a mapped block when that
 # block is freed, so buffers the size of XLA's temporaries come from the heap and their pages
 # are reused, unless something fixed the threshold with mallopt (TF's `from_generator` op does:
-# 128 KiB for the whole process, and every step then page-faults its buffers afresh).
-_MAPPED_AFTER_A_FREE = r"""
+# 128 KiB for the whole process, and every step then page-faulted its buffers afresh). The probe
+# asks for more than the arenas hold free, so its blocks cannot come from free heap memory and
+# only the threshold decides whether they are mapped.
+_GLIBC_WITH_MALLINFO2 = (platform.libc_ver()[0] == 'glibc' and
+                         tuple(map(int, platform.libc_ver()[1].split('.'))) >= (2, 33))
+_THRESHOLD_FIXED = r"""
 import ctypes, sys
 import tiny_config
-from conftest import fresh_process_env
 from vit_jax_ft import data
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 
-def mapped_after_a_free(size=8 << 20):
-  libc.free(libc.malloc(size))
-  block = libc.malloc(size)
-  mapped = bool(ctypes.c_size_t.from_address(block - 8).value & 2)  # glibc's IS_MMAPPED bit
-  libc.free(block)
-  return mapped
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+      'fordblks', 'keepcost')]
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_blocks(size):
+  # Enough blocks of `size` that at least two must come from new memory (the arenas' free bytes
+  # are fewer), in the order they were given; each with glibc's IS_MMAPPED bit.
+  count = libc.mallinfo2().fordblks // size + 2
+  blocks = [libc.malloc(size) for _ in range(count)]
+  return [(b, bool(ctypes.c_size_t.from_address(b - 8).value & 2)) for b in blocks]
+
+def threshold_fixed():
+  big = mapped_blocks(31 << 20)  # Below glibc's 32 MiB cap on the moving threshold.
+  freed = [b for b, mapped in big if mapped][:1]
+  for b in freed:
+    libc.free(b)  # A moving threshold rises to this block's size; a fixed one stays.
+  small = mapped_blocks(8 << 20)
+  for b, _ in big + small:
+    if b not in freed:
+      libc.free(b)
+  return any(mapped for _, mapped in small)
 
 config = tiny_config.get_config(sys.argv[1])
 for split in (data.get_train_data(config), data.get_eval_data(config)):
   next(iter(split))
-print('ours', mapped_after_a_free())
+print('ours', threshold_fixed())
 import tensorflow as tf
 next(iter(tf.data.Dataset.from_generator(lambda: iter([1]), output_types=tf.int32)))
-print('from_generator', mapped_after_a_free())
+print('from_generator', threshold_fixed())
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc only')
+@pytest.mark.skipif(not _GLIBC_WITH_MALLINFO2, reason='glibc 2.33 or newer only')
 def test_the_input_pipeline_leaves_the_allocators_mmap_threshold_alone(digits_folder):  # noqa: F811
-  out = subprocess.run([sys.executable, '-c', _MAPPED_AFTER_A_FREE, str(digits_folder)],
+  out = subprocess.run([sys.executable, '-c', _THRESHOLD_FIXED, str(digits_folder)],
                        capture_output=True, text=True, check=True, env=fresh_process_env())
   lines = out.stdout.split('\n')
-  assert 'ours False' in lines  # The heap serves the block again: its pages stay mapped.
+  assert 'ours False' in lines  # The threshold still moves: freed buffers are served again.
   assert 'from_generator True' in lines  # The probe sees a fixed threshold.
