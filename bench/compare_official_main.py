@@ -40,6 +40,9 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Global batch.')
 _ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Micro-batches per step.')
 _SIZE = flags.DEFINE_integer('size', 224, 'Image size.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'A B rounds.')
+_TEST_IMAGES = flags.DEFINE_integer('test_images', 0, 'Test images in the folder (0: all of '
+                                    '../shared/data; a multiple of --batch makes both evaluate '
+                                    'the same images, the official one dropping a remainder).')
 _ROOT = flags.DEFINE_string('root', '', 'Scratch folder (default: a new temporary one).')
 flags.mark_flag_as_required('official')
 
@@ -54,10 +57,11 @@ def write_folder(root: pathlib.Path) -> pathlib.Path:
   """root/{train,test}/CLASS/*.jpg from the real CIFAR-10 images (the official reads JPEGs)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   if (root / 'done').exists():
-    return root
+    return root  # Written by an earlier run with the same --root (and --test_images).
   cifar = np.load(SHARED_DATA / 'cifar10_partial.npz')
+  test = slice(_TEST_IMAGES.value or None)
   for split, images, labels in (('train', cifar['x_train'], cifar['y_train']),
-                                ('test', cifar['x_test'], cifar['y_test'])):
+                                ('test', cifar['x_test'][test], cifar['y_test'][test])):
     for i, (image, label) in enumerate(zip(images, labels)):
       folder = root / split / f'class_{label}'
       folder.mkdir(parents=True, exist_ok=True)

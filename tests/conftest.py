@@ -18,7 +18,9 @@ TESTS = pathlib.Path(__file__).resolve().parent
 def fresh_process_env(**extra: str) -> dict:
   """The environment of a fresh Python process that imports the package and the tests' modules."""
   path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get('PYTHONPATH', '')])
-  return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS='cpu', **extra)
+  env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS='cpu')
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  return dict(env, **extra)
 
 
 def run_on_eight_devices(script: str) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 import tiny_config
-from conftest import SHARED_DATA, random_params
+from conftest import SHARED_DATA, fresh_process_env, random_params
 from vit_jax_ft import checkpoint, data, evaluate, linear_probe, metrics, predict, train
 from vit_jax_ft.explain import curves
 from vit_jax_ft.models import get_model
@@ -184,7 +184,7 @@ def cifar_folder(shared_data, tmp_path):
 def run_cli(*args):
   result = subprocess.run([sys.executable, '-m', 'vit_jax_ft.evaluate', *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+                          env=fresh_process_env())
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 

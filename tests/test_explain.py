@@ -12,7 +12,7 @@ import pytest
 from clu import metric_writers
 from PIL import Image
 
-from conftest import random_params
+from conftest import fresh_process_env, random_params
 from numpy_reference import conv2d, layer_norm
 from vit_jax_ft import checkpoint, defaults, run_dir
 from vit_jax_ft.explain import attention, curves, embeddings, figures, gradcam
@@ -272,7 +272,7 @@ def test_cli_draws_every_figure_of_a_released_checkpoint(tmp_path):
       [sys.executable, '-m', 'vit_jax_ft.explain', f'--checkpoint={tmp_path / "vit.npz"}',
        '--model_name=testing', '--image_size=32', f'--output_dir={tmp_path / "out"}', *paths],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+      env=fresh_process_env())
   assert result.returncode == 0, result.stderr[-3000:]
   written = sorted(os.path.basename(p) for p in result.stdout.split())
   assert written == sorted(['attention_0.png', 'attention_1.png', 'rollout.png',

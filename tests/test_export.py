@@ -2,7 +2,6 @@
 official loader's own conversion (flax's pre-Linen renaming) and in timm's layout, each giving
 the workdir model's logits; BiT in its release names."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import tiny_config
+from conftest import fresh_process_env
 from numpy_reference import bit_forward, gelu_tanh, vit_forward
 from vit_jax_ft import checkpoint, export, models, run_dir, train
 
@@ -45,8 +45,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 def run_export(*flags):
   return subprocess.run([sys.executable, '-m', 'vit_jax_ft.export', *flags], cwd=ROOT,
                         capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-                                 TF_CPP_MIN_LOG_LEVEL='2'))
+                        env=fresh_process_env())
 
 
 def official_shapes(spec, image_size):

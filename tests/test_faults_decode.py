@@ -1,8 +1,6 @@
 """Images whose header is fine but whose data is not: found when decoded during training or an
 evaluation (config.cache=False), each named once and counted in the log and dataset_info.json."""
 import json
-import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -12,6 +10,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 import tiny_config
+from conftest import fresh_process_env
 from test_data import TEST_SIZES, TRAIN_SIZES, _plant_corrupt_files, _write_folder
 from vit_jax_ft import data, train
 from vit_jax_ft.data import decode_failures
@@ -127,8 +126,7 @@ def test_two_hosts_gather_each_others_failures_and_process_0_writes_the_count(tm
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     address = f'127.0.0.1:{s.getsockname()[1]}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  env = fresh_process_env()
   processes = [subprocess.Popen([sys.executable, '-c', HOSTS_SCRIPT, address, str(i),
                                  str(tmp_path)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -1,5 +1,4 @@
 """Multi-host preemption: SIGTERM to one host or to all makes every host save the same step."""
-import os
 import re
 import signal
 import socket
@@ -34,10 +33,11 @@ def _launch(workdir, dataset):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   return [run_cli(workdir, dataset, f'--coordinator_address=127.0.0.1:{port}',
                   '--num_processes=2', f'--process_id={i}', *FLAGS, stdout=subprocess.PIPE,
-                  stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+                  stderr=subprocess.STDOUT, text=True,
+                  extra_env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+          for i in range(2)]
 
 
 def _wait(processes):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import random_params
+from conftest import fresh_process_env, random_params
 from numpy_reference import vit_forward
 from vit_jax_ft import checkpoint, predict
 from vit_jax_ft.models import get_model
@@ -159,7 +159,7 @@ def test_cli_prints_json(released, tmp_path):
       [sys.executable, '-m', 'vit_jax_ft.predict', f'--checkpoint={path}',
        '--model_name=testing', '--image_size=32', '--format=json', '--top_k=3', *paths],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+      env=fresh_process_env())
   assert result.returncode == 0, result.stderr[-2000:]
   parsed = json.loads(result.stdout)
   expected = expected_probabilities(params, pixels)

@@ -20,6 +20,7 @@ from test_train_e2e import digits_folder  # pylint: disable=unused-import
 from configs.paper import readme, table5
 from configs.studies import embedded as embedded_study
 from vit_jax_ft import defaults, studies
+from conftest import fresh_process_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -208,8 +209,7 @@ def test_embedded_study_sweeps_resolution_with_its_ops_and_selects_lr_on_dev():
 
 
 def run_sweep(workdir, dataset, *flags, **popen):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests')]),
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env = fresh_process_env()
   cmd = [sys.executable, '-m', 'vit_jax_ft.sweep', f'--config=tests/tiny_study.py:{dataset}',
          f'--workdir={workdir}', *flags]
   if popen:

@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from vit_jax_ft import run_dir
+from conftest import fresh_process_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,8 @@ def digits_folder(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-def run_cli(workdir, dataset, *flags, check=True, env=None, **popen):
-  env = dict(env or os.environ,
-             PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests')]),
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+def run_cli(workdir, dataset, *flags, check=True, extra_env=None, **popen):
+  env = fresh_process_env(**(extra_env or {}))
   cmd = [sys.executable, '-m', 'vit_jax_ft.main', f'--config=tests/tiny_config.py:{dataset}',
          f'--workdir={workdir}', *flags]
   if popen:
@@ -237,12 +236,12 @@ def test_two_processes_train_together(digits_folder, tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   workdir = tmp_path / 'multi'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   processes = [
       run_cli(workdir, digits_folder, f'--coordinator_address=127.0.0.1:{port}',
               '--num_processes=2', f'--process_id={i}', '--config.total_steps=20',
               '--config.eval_every=0', '--config.checkpoint_every=10',
-              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+              extra_env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
       for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (_, err) in zip(processes, outputs):

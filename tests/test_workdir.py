@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-import tiny_config
+from conftest import fresh_process_env
 from vit_jax_ft import models, run_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +26,9 @@ import jax, numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 import tiny_config
+from conftest import fresh_process_env
 from vit_jax_ft import checkpointing, optim, parallel, run_dir, train
+from conftest import fresh_process_env
 assert jax.device_count() == 4, jax.devices()
 workdir = sys.argv[1]
 config = tiny_config.get_config('unused')
@@ -52,9 +54,7 @@ np.savez(os.path.join(workdir, 'params.npz'), **traverse_util.flatten_dict(
 @pytest.fixture(scope='module')
 def four_device_workdir(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp('run')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests')]))
+  env = fresh_process_env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   out = subprocess.run([sys.executable, '-c', SAVE_ON_FOUR_DEVICES, str(workdir)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -150,7 +150,6 @@ def test_readers_never_import_the_trainer():
           'vit_jax_ft.export; print(sorted({m.split(".")[0] for m in sys.modules} & '
           '{"optax", "clu"}), "vit_jax_ft.train" in sys.modules)')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2'))
+                       timeout=120, env=fresh_process_env())
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ['[]', 'False']

@@ -21,7 +21,7 @@ import safetensors.numpy
 
 import tiny_zoo_config
 from configs.studies import compare_models
-from conftest import random_params, run_on_eight_devices
+from conftest import fresh_process_env, random_params, run_on_eight_devices
 from test_train_e2e import digits_folder, read_log  # noqa: F401  (a fixture)
 from vit_jax_ft import (checkpoint, data, defaults, hub, linear_probe, metrics, optim,
                         parallel, predict, run_dir, studies, train)
@@ -332,8 +332,7 @@ def _fine_tune_killed_and_resumed(family, digits, tmp_path, caplog):
   save) in this process; both end with the same bits."""
   dataset = f'{family},{digits}'
   reference = tmp_path / 'reference'
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests')]),
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env = fresh_process_env()
   out = subprocess.run([sys.executable, '-m', 'vit_jax_ft.main', f'--workdir={reference}',
                         f'--config=tests/tiny_zoo_config.py:{dataset}'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
