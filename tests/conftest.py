@@ -1,8 +1,10 @@
 """Shared test set-up: full-precision float32 matmuls, the shared data folder, helpers."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -13,6 +15,20 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 TESTS = pathlib.Path(__file__).resolve().parent
+# The run's XLA compilation cache for fresh processes: set by the first pytest process (the
+# xdist workers inherit it), so the many tiny trainings compile each of their steps once.
+_XLA_CACHE = 'VIT_JAX_FT_TEST_XLA_CACHE'
+_OWNED_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  if _XLA_CACHE not in os.environ:
+    os.environ[_XLA_CACHE] = config.stash[_OWNED_CACHE] = tempfile.mkdtemp(prefix='vit_xla_')
+
+
+def pytest_unconfigure(config):
+  if _OWNED_CACHE in config.stash:
+    shutil.rmtree(config.stash[_OWNED_CACHE], ignore_errors=True)
 
 
 def fresh_process_env(**extra: str) -> dict:
@@ -20,6 +36,12 @@ def fresh_process_env(**extra: str) -> dict:
   path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get('PYTHONPATH', '')])
   env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS='cpu')
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # Compiled steps are reused across processes (the same executables a compile would give:
+  # results do not change); a torn entry only makes jax warn and compile again.
+  if _XLA_CACHE in os.environ:
+    env.setdefault('JAX_COMPILATION_CACHE_DIR', os.environ[_XLA_CACHE])
+    env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    env.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
   return dict(env, **extra)
 
 
